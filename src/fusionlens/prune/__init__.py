@@ -1,0 +1,1 @@
+"""fusionlens.prune"""
