@@ -9,8 +9,8 @@ Pipeline, for zero-padded points ``(B, P, F)`` with a validity mask ``(B, P)``:
    centre (x_p, y_p) — the PointPillars decoration, D = len(fields) + 5.
 3. **PointNet** (Sec. 2.1): ``Linear (no bias) -> BatchNorm1d -> ReLU`` per point, one or more layers.
 4. **Max-pool over the points of each pillar and scatter to the BEV canvas**, in one op:
-   ``canvas.scatter_reduce(0, pid, features, reduce="amax", include_self=True)`` on a zero canvas. The
-   features are post-ReLU (>= 0), so including the zero canvas changes no maximum and leaves empty pillars 0.
+   ``canvas.scatter_reduce(0, pid, features, reduce="amax", include_self=False)`` on a zero canvas (the form
+   docs/DESIGN.md names for the LMD engine): a pillar holds the max over its points, an empty one stays 0.
 5. **2-D backbone** (Sec. 2.2, reduced): a stride-1 block and a stride-2 block of ``3x3 conv ->
    BatchNorm -> ReLU``; the coarse block is upsampled bilinearly to the grid and projected by ``1x1 conv ->
    BN -> ReLU``; the two are concatenated. Output ``(B, 2*channels, X, Y)`` on the model's grid.
@@ -152,7 +152,7 @@ class PillarEncoder(nn.Module):
         X, Y, _ = self.grid.shape
         canvas = torch.zeros(batch * X * Y, features.shape[1], dtype=features.dtype, device=features.device)
         index = pid.unsqueeze(1).expand(-1, features.shape[1])
-        canvas = canvas.scatter_reduce(0, index, features, reduce="amax", include_self=True)
+        canvas = canvas.scatter_reduce(0, index, features, reduce="amax", include_self=False)
         return canvas.reshape(batch, X, Y, -1).permute(0, 3, 1, 2)
 
     def pillars(self, points: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
