@@ -6,7 +6,7 @@ A.2, Table 3) at decreasing scale:
 
 * ``paper``: ResNet-101, 224x400 images, a 200x200x8 grid over +-50 m, 128 latent channels (SimpleBEV).
 * ``small``: ResNet-34, 128x224 images, 100x100x8 grid, 64 channels.
-* ``tiny``: ResNet-18, 64x112 images, 64x64x8 grid, 16 channels -- trains on two CPU cores in minutes.
+* ``tiny``: ResNet-18, 64x112 images, 96x96x8 grid, 16 channels -- trains on two CPU cores in minutes.
 
 Point modalities go through a *point encoder* chosen per modality by name (``point_encoders``); the built-in
 ``"raster"`` encoder rasterises points into the voxel grid (SimpleBEV) and optionally adds a few learnable BEV
@@ -32,8 +32,9 @@ class ModelConfig:
 
     modalities: tuple[str, ...] = ("camera", "radar")
     preset: str = "tiny"
-    grid: BEVGrid = field(default_factory=lambda: BEVGrid(((-32.0, 32.0), (-32.0, 32.0), (-5.0, 5.0)),
-                                                          (64, 64, 8)))
+    # the built-in world's default grid: SimpleBEV's bounds at ~1 m cells
+    grid: BEVGrid = field(default_factory=lambda: BEVGrid(((-50.0, 50.0), (-50.0, 50.0), (-5.0, 5.0)),
+                                                          (96, 96, 8)))
     image_size: tuple[int, int] = (64, 112)  # (H, W) the preset is sized for; the model accepts any size
     camera_depth: int = 18  # torchvision ResNet depth
     camera_weights: str | None = None  # optional local state-dict file for the ResNet trunk (no downloads)

@@ -17,7 +17,7 @@ import torch
 
 from fusionlens.data.sample import BEVGrid
 
-DEFAULT_DISTANCE_BANDS: tuple[float, ...] = (0.0, 20.0, 35.0, 50.0)
+DEFAULT_DISTANCE_BANDS: tuple[float, ...] = (0.0, 20.0, 35.0, 50.0, math.inf)
 
 
 def condition_tags(meta: dict[str, Any]) -> list[str]:
