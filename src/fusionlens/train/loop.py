@@ -322,7 +322,7 @@ def train(
             bar.close()
             where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was saved yet"
             raise NonFiniteLossError(
-                f"loss became non-finite ({float(loss):.4g}) at step {step}; training stopped, {where}"
+                f"loss became non-finite ({float(loss.detach()):.4g}) at step {step}; training stopped, {where}"
             )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
