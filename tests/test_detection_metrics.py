@@ -14,6 +14,7 @@ pytest.importorskip("nuscenes")
 from fusionlens.evaluate.detection import (  # noqa: E402
     DetectionEvaluator,
     evaluate_detection,
+    ground_truth_extras,
     motion_attribute,
     yaw_to_quaternion,
 )
@@ -210,3 +211,25 @@ def test_bad_settings_raise() -> None:
     ev.add(gt, torch.tensor([0.5]), gl, gt, gl, token="a")
     with pytest.raises(ValueError, match="already added"):
         ev.add(gt, torch.tensor([0.5]), gl, gt, gl, token="a")
+
+
+def test_unknown_gt_velocity_is_left_out_of_ave() -> None:
+    gt, gl = _gt(2)
+    gl[:] = 0
+    pred = gt.clone()
+    pred[0, 7:9] = gt[0, 7:9] + torch.tensor([0.6, 0.8])  # velocity error 1 m/s
+    pred[1, 7:9] = gt[1, 7:9] + 50.0  # would dominate AVE if its ground-truth velocity counted
+    ev = DetectionEvaluator(classes=("car",))
+    ev.add(pred, torch.tensor([0.9, 0.8]), gl, gt, gl, gt_velocity_known=torch.tensor([True, False]))
+    rep = ev.compute()
+    assert rep.tp_errors["vel_err"] == pytest.approx(1.0)
+    assert rep.mean_ap == pytest.approx(1.0)
+
+
+def test_ground_truth_extras_follow_nuscenes_point_counts() -> None:
+    vis = {"num_lidar_pts": torch.tensor([0, 3, 0]), "num_radar_pts": torch.tensor([0, 0, 2]),
+           "velocity_known": torch.tensor([True, False, True]), "visibility_token": torch.tensor([1, 2, 3])}
+    extras = ground_truth_extras(vis)
+    assert extras["num_points"].tolist() == [0, 3, 2]
+    assert extras["velocity_known"].tolist() == [True, False, True]
+    assert ground_truth_extras({}) == {}

@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from fusionlens.data.sample import BOX_FIELDS, CLASSES, VEHICLE_CLASSES
 
@@ -165,8 +167,11 @@ class DetectionEvaluator:
         *,
         token: str | None = None,
         gt_num_points: torch.Tensor | np.ndarray | None = None,
+        gt_velocity_known: torch.Tensor | np.ndarray | None = None,
     ) -> None:
-        """Add one sample. Ground-truth boxes with ``gt_num_points == 0`` are ignored, as nuScenes does."""
+        """Add one sample. Ground-truth boxes with ``gt_num_points == 0`` (LiDAR + radar points inside, as
+        nuScenes counts them) are ignored; those with ``gt_velocity_known`` false get a NaN velocity and no
+        attribute, which the devkit leaves out of AVE and AAE."""
         token = f"sample-{self._count}" if token is None else str(token)
         if token in self.gt.boxes:
             raise ValueError(f"token {token!r} was already added")
@@ -186,6 +191,11 @@ class DetectionEvaluator:
             if len(npts) != len(gb):
                 raise ValueError(f"gt_num_points has {len(npts)} entries for {len(gb)} boxes")
             keep_gt = npts != 0
+        if gt_velocity_known is not None:
+            known = _as_numpy(gt_velocity_known, "gt_velocity_known").reshape(-1).astype(bool)
+            if len(known) != len(gb):
+                raise ValueError(f"gt_velocity_known has {len(known)} entries for {len(gb)} boxes")
+            gb[~known, 7:9] = np.nan
         gt = self._convert(token, gb[keep_gt], gl[keep_gt], None)
         self.gt.add_boxes(token, [b for b in gt if self._in_range(b)])
         self.pred.add_boxes(token, [b for b in self._convert(token, pb, pl, ps) if self._in_range(b)])
@@ -201,7 +211,9 @@ class DetectionEvaluator:
         for i, (b, lab) in enumerate(zip(boxes, labels)):
             name = self.classes[int(lab)]
             vel = (float(b[7]), float(b[8]))
-            attr = motion_attribute(name, vel, self.moving_speed) if self.attributes == "velocity" else ""
+            known = math.isfinite(vel[0]) and math.isfinite(vel[1])
+            attr = motion_attribute(name, vel, self.moving_speed) if self.attributes == "velocity" and known \
+                else ""
             out.append(self._dk.DetectionBox(
                 sample_token=token, translation=(float(b[0]), float(b[1]), float(b[2])),
                 size=(float(b[3]), float(b[4]), float(b[5])), rotation=yaw_to_quaternion(float(b[6])),
@@ -247,14 +259,75 @@ def evaluate_detection(
     **evaluator_kwargs: Any,
 ) -> DetectionReport:
     """Score a list of per-sample predictions ``{"boxes", "scores", "labels"}`` against ground truth
-    ``{"boxes", "labels"[, "num_points"]}``; keyword arguments go to :class:`DetectionEvaluator`."""
+    ``{"boxes", "labels"[, "num_points", "velocity_known"]}``; keyword arguments go to
+    :class:`DetectionEvaluator`."""
     if len(predictions) != len(ground_truth):
         raise ValueError(f"{len(predictions)} predictions for {len(ground_truth)} ground-truth samples")
     ev = DetectionEvaluator(**evaluator_kwargs)
     for pred, gt in zip(predictions, ground_truth):
         ev.add(pred["boxes"], pred["scores"], pred["labels"], gt["boxes"], gt["labels"],
-               gt_num_points=gt.get("num_points"))
+               gt_num_points=gt.get("num_points"), gt_velocity_known=gt.get("velocity_known"))
     return ev.compute()
+
+
+def ground_truth_extras(visibility: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """nuScenes-style per-box extras from a Sample's ``visibility`` dict: ``num_points`` = ``num_lidar_pts`` +
+    ``num_radar_pts`` (whichever are present) and ``velocity_known``."""
+    out: dict[str, torch.Tensor] = {}
+    counts = [visibility[k] for k in ("num_lidar_pts", "num_radar_pts") if k in visibility]
+    if counts:
+        out["num_points"] = torch.stack([c.long() for c in counts]).sum(0)
+    if "velocity_known" in visibility:
+        out["velocity_known"] = visibility["velocity_known"]
+    return out
+
+
+@torch.no_grad()
+def evaluate_detector(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    decode_kwargs: dict[str, Any] | None = None,
+    **evaluator_kwargs: Any,
+) -> DetectionReport:
+    """nuScenes detection metrics of a fusion model with a CenterPoint head over ``dataset`` (Samples).
+
+    The model runs in eval mode (restored afterwards); its head decodes boxes (``decode_kwargs`` override
+    the head's decoding settings); ground truth is filtered as nuScenes does (:meth:`DetectionEvaluator.add`,
+    :func:`ground_truth_extras`). Classes are the head's; other keyword arguments go to
+    :class:`DetectionEvaluator`.
+    """
+    from fusionlens.data.collate import collate_samples
+    from fusionlens.models import batch_to_inputs
+    from fusionlens.models.centerpoint import find_detection_head
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    module = getattr(model, "module", model)
+    head = find_detection_head(module)
+    evaluator = DetectionEvaluator(classes=head.classes, **evaluator_kwargs)
+    device = torch.device(device)
+    was_training = module.training
+    module.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples)
+    try:
+        for batch in tqdm(loader, desc="detect", disable=not progress, leave=False):
+            moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            inputs, kwargs = batch_to_inputs(module, moved)
+            detections = head.decode(module(**inputs, **kwargs), **(decode_kwargs or {}))
+            for det, boxes, labels, vis in zip(detections, batch["boxes"], batch["box_labels"],
+                                               batch["visibility"]):
+                extras = ground_truth_extras(vis)
+                keep = torch.isin(labels.long(), torch.tensor([CLASSES.index(c) for c in head.classes]))
+                gt_boxes, gt_labels = head.select(boxes, labels)
+                evaluator.add(det["boxes"], det["scores"], det["labels"], gt_boxes, gt_labels,
+                              **{f"gt_{k}": v[keep] for k, v in extras.items()})
+    finally:
+        module.train(was_training)
+    return evaluator.compute()
 
 
 def _as_numpy(x: torch.Tensor | np.ndarray, name: str) -> np.ndarray:

@@ -214,7 +214,8 @@ class CenterPointHead(nn.Module):
     Args:
         in_channels: channels of the decoder's BEV features.
         grid: the model's BEV grid (the heatmap resolution).
-        classes: class names, in the order of ``box_labels`` (default :data:`CLASSES`).
+        classes: the classes to detect, a subset of :data:`CLASSES` (default: all). ``box_labels`` index
+            :data:`CLASSES`; boxes of other classes are ignored, and decoded labels index ``classes``.
         hidden: hidden channels of each branch.
         reg_weight, min_radius, min_overlap: loss and target settings (module docstring).
         k, score_threshold, nms, nms_iou: decoding defaults (:func:`decode_detections`).
@@ -224,8 +225,9 @@ class CenterPointHead(nn.Module):
                  reg_weight: float = 0.25, min_radius: int = 2, min_overlap: float = 0.1, k: int = 100,
                  score_threshold: float = 0.1, nms: str | None = None, nms_iou: float = 0.2) -> None:
         super().__init__()
-        if not classes or len(set(classes)) != len(classes):
-            raise ValueError(f"CenterPointHead: classes must be distinct names, got {list(classes)}")
+        if not classes or len(set(classes)) != len(classes) or not set(classes) <= set(CLASSES):
+            raise ValueError(f"CenterPointHead: classes must be distinct names from {CLASSES}, "
+                             f"got {list(classes)}")
         if int(in_channels) <= 0 or int(hidden) <= 0 or reg_weight < 0:
             raise ValueError(f"CenterPointHead: need in_channels, hidden > 0 and reg_weight >= 0, got "
                              f"{in_channels}, {hidden}, {reg_weight}")
@@ -243,9 +245,22 @@ class CenterPointHead(nn.Module):
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: branch(features) for name, branch in self.branches.items()}
 
+    def select(self, boxes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The boxes of this head's classes, with labels re-indexed from :data:`CLASSES` into ``classes``."""
+        lookup = torch.full((len(CLASSES),), -1, dtype=torch.long)
+        lookup[[CLASSES.index(c) for c in self.classes]] = torch.arange(len(self.classes))
+        labels = labels.detach().long().cpu().reshape(-1)
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+            raise ValueError(f"box_labels must index CLASSES (0..{len(CLASSES) - 1}), got {labels.tolist()}")
+        mapped = lookup[labels]
+        keep = mapped >= 0
+        return boxes.detach().cpu().reshape(-1, len(BOX_FIELDS))[keep], mapped[keep]
+
     def targets(self, batch: dict[str, Any]) -> DetectionTargets:
-        return encode_targets(batch["boxes"], batch["box_labels"], self.grid, len(self.classes),
-                              min_radius=self.min_radius, min_overlap=self.min_overlap)
+        """Dense targets for a batch dict's ``boxes`` / ``box_labels`` (labels index :data:`CLASSES`)."""
+        selected = [self.select(b, lab) for b, lab in zip(batch["boxes"], batch["box_labels"])]
+        return encode_targets([b for b, _ in selected], [lab for _, lab in selected], self.grid,
+                              len(self.classes), min_radius=self.min_radius, min_overlap=self.min_overlap)
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Training hook of the model's extra heads: CenterPoint's loss against ``batch["boxes"]``."""
@@ -254,6 +269,18 @@ class CenterPointHead(nn.Module):
     def decode(self, outputs: dict[str, torch.Tensor], **overrides: Any) -> list[dict[str, torch.Tensor]]:
         """Per-sample boxes/scores/labels (see :func:`decode_detections`; keyword arguments override)."""
         return decode_detections(outputs, self.grid, **{**self.decode_kwargs, **overrides})
+
+
+def find_detection_head(model: nn.Module) -> CenterPointHead:
+    """The CenterPoint extra head of a :class:`~fusionlens.models.fusion.FusionModel` (DDP-unwrapped).
+
+    Raises ``ValueError`` naming the config setting when the model has none."""
+    module = getattr(model, "module", model)
+    heads = [h for h in getattr(module, "extra_heads", {}).values() if isinstance(h, CenterPointHead)]
+    if len(heads) != 1:
+        raise ValueError(f"the model has {len(heads)} CenterPoint heads, need exactly 1; add "
+                         "extra_heads={'centerpoint': {...}} to its ModelConfig")
+    return heads[0]
 
 
 register_head("centerpoint", CenterPointHead)
