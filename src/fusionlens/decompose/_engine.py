@@ -1,0 +1,199 @@
+"""Dispatch of intercepted torch calls to linearization rules.
+
+Every torch function that receives a :class:`~fusionlens.decompose._stream.Stream` lands in
+:meth:`Engine.dispatch`. The operating point (``total``) is always computed with the original function on the
+original values, so the decomposition's total *is* the model's output; a rule only computes the components.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ._stream import Stream, streams_in, unwrap
+
+# Calls that read metadata or leave the tensor world: answered from the operating point.
+_PASSTHROUGH = frozenset({
+    "size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous", "is_floating_point",
+    "is_complex", "element_size", "data_ptr", "storage_offset", "item", "tolist", "numpy", "__len__", "__bool__",
+    "__int__", "__float__", "__index__", "__format__", "__repr__", "__str__", "__hash__", "untyped_storage",
+    "get_device", "__array__", "requires_grad_", "retain_grad", "register_hook", "backward", "__reduce_ex__",
+    "is_nonzero", "equal", "allclose", "has_names", "is_inference", "__dlpack__", "__contains__",
+})
+# Tensor-valued properties that are linear maps of the tensor; every other property is metadata.
+_LINEAR_PROPERTIES = frozenset({"T", "mT", "H", "mH", "data", "real"})
+# In-place dunders and their out-of-place twins.
+_INPLACE_DUNDERS = {
+    "__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__", "__itruediv__": "__truediv__",
+    "__idiv__": "__truediv__", "__imatmul__": "__matmul__", "__ipow__": "__pow__",
+}
+
+
+class UnsupportedOperationError(NotImplementedError):
+    """A decomposed tensor reached an op that has no linearization rule."""
+
+
+def op_name(func: Callable) -> str:
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":  # a property such as ``x.shape`` or ``x.T``
+        return getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+def _setitem_out(target: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+    """Out-of-place ``target[index] = value``: affine in (target, value) for a constant index."""
+    out = target.clone()
+    out[index] = value
+    return out
+
+
+def _copy_out(target: torch.Tensor, source: Any) -> torch.Tensor:
+    """Out-of-place ``target.copy_(source)``."""
+    return torch.as_tensor(source, dtype=target.dtype, device=target.device).expand_as(target).clone()
+
+
+def _property(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def read(t: torch.Tensor) -> torch.Tensor:
+        return getattr(t, name)
+
+    read.__name__ = name
+    return read
+
+
+class Engine:
+    """Holds the state of one decomposition: component names, rule set, bias mode, module path, captures."""
+
+    def __init__(self, names: list[str], rules: Any, bias: str) -> None:
+        self.names = [*names, "bias"]
+        self.num_components = len(self.names)
+        self.sink = self.num_components - 1  # constants entering mixed tensors go to the bias component
+        self.rules = rules
+        self.local_bias = bias == "local"
+        self.module_path: list[str] = []
+
+    # -- helpers for rules -------------------------------------------------------------------------------------
+    def parts(self, x: Any) -> torch.Tensor | None:
+        """``(K, *shape)`` components of a stream; ``None`` for a constant."""
+        return x.fl_parts(self.num_components) if isinstance(x, Stream) else None
+
+    def per_component(self, func: Callable, args: tuple, kwargs: dict) -> list[Any]:
+        """``func`` evaluated once per component, each stream replaced by that component's slice."""
+        results = []
+        for k in range(self.num_components):
+            def slice_k(s: Stream, k: int = k) -> torch.Tensor:
+                return s.fl_parts(self.num_components)[k]
+            a, kw = _replace((args, kwargs), slice_k)
+            results.append(_call_plain(func, a, kw))
+        return results
+
+    def at_zero(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """``func`` with every stream replaced by zeros: the op's constant term."""
+        a, kw = _replace((args, kwargs), lambda s: torch.zeros_like(s.fl_total()))
+        return _call_plain(func, a, kw)
+
+    def where(self) -> str:
+        return ".".join(p for p in self.module_path if p) or "<top level>"
+
+    # -- dispatch ------------------------------------------------------------------------------------------------
+    def dispatch(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        name = op_name(func)
+        if name in _PASSTHROUGH or (getattr(func, "__name__", "") == "__get__" and name not in _LINEAR_PROPERTIES):
+            return _call_plain(func, args, kwargs)
+        if name in _LINEAR_PROPERTIES and getattr(func, "__name__", "") == "__get__":
+            func, args = _property(name), args[:1]
+        if "out" in kwargs and kwargs["out"] is not None:
+            raise UnsupportedOperationError(f"{name}(out=...) on a decomposed tensor in {self.where()}")
+        inplace = self._out_of_place(func, name, args, kwargs)
+        if inplace is not None:
+            return self._inplace(*inplace, args)
+        return self._apply(func, name, args, kwargs)
+
+    def _apply(self, func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
+        owners = {s._fl_owner for s in streams_in((args, kwargs))}
+        if self.local_bias and len(owners) == 1 and None not in owners:
+            owner = owners.pop()
+            return _wrap(_call_plain(func, args, kwargs), lambda t: Stream.single(t, owner))
+        total = _call_plain(func, args, kwargs)
+        if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tree_flatten(total)[0]):
+            return total  # comparisons, indices, casts to int: constants at the operating point
+        rule = self.rules.lookup(func, name)
+        if rule is None:
+            raise UnsupportedOperationError(
+                f"no LMD rule for op '{name}' (in module '{self.where()}'); register one with "
+                "fusionlens.decompose.register_rule"
+            )
+        parts = rule(self, func, args, kwargs, total)
+        return _attach(total, parts)
+
+    def _out_of_place(self, func: Callable, name: str, args: tuple, kwargs: dict) -> tuple | None:
+        if kwargs.get("inplace"):
+            return func, name, args, {**kwargs, "inplace": False}
+        if name == "__setitem__":
+            return _setitem_out, "_setitem_out", args, kwargs
+        if name in _INPLACE_DUNDERS:
+            twin = _INPLACE_DUNDERS[name]
+            return getattr(torch.Tensor, twin), twin, args, kwargs
+        if name.endswith("_") and not name.startswith("_") and args and isinstance(args[0], torch.Tensor):
+            if name == "copy_":
+                return _copy_out, "_copy_out", args, kwargs
+            twin = getattr(torch.Tensor, name[:-1], None)
+            if twin is None:
+                raise UnsupportedOperationError(f"in-place op '{name}' on a decomposed tensor in {self.where()}")
+            return twin, name[:-1], args, kwargs
+        return None
+
+    def _inplace(self, func: Callable, name: str, args: tuple, kwargs: dict, original_args: tuple) -> Any:
+        target = original_args[0]
+        result = self._apply(func, name, args, kwargs)
+        if not isinstance(result, Stream):  # constant result written into a tensor
+            if isinstance(target, Stream):
+                raise UnsupportedOperationError(
+                    f"in-place '{name}' overwrites a decomposed tensor with a constant in {self.where()}"
+                )
+            _call_plain(func, args, kwargs)
+            return None if name == "_setitem_out" else target
+        if isinstance(target, torch.nn.Parameter) or not isinstance(target, torch.Tensor):
+            raise UnsupportedOperationError(
+                f"in-place '{name}' writes modality data into a parameter in {self.where()}"
+            )
+        unwrap(target).copy_(result.fl_total())
+        if not isinstance(target, Stream):
+            # A plain buffer received modality data in place (``canvas[idx] = features``): it becomes a stream
+            # so the data stays tracked. Python allows the class change because Stream adds no slots.
+            target.__class__ = Stream
+        target._fl_owner, target._fl_parts = result._fl_owner, result._fl_parts
+        return None if name == "_setitem_out" else target
+
+
+def _replace(tree: Any, fn: Callable[[Stream], Any]) -> Any:
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([fn(x) if isinstance(x, Stream) else x for x in leaves], spec)
+
+
+def _call_plain(func: Callable, args: tuple, kwargs: dict) -> Any:
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*unwrap(args), **unwrap(kwargs))
+
+
+def _wrap(out: Any, make: Callable[[torch.Tensor], Stream]) -> Any:
+    leaves, spec = tree_flatten(out)
+    wrapped = [make(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in leaves]
+    return tree_unflatten(wrapped, spec)
+
+
+def _attach(total: Any, parts: Any) -> Any:
+    """Pair each floating tensor of the op's output with its components (``None`` = constant output)."""
+    if isinstance(total, torch.Tensor):
+        return total if parts is None else Stream.multi(total, parts)
+    total_leaves, spec = tree_flatten(total)
+    # rules return one entry per output leaf (a tensor of components or None for a constant leaf)
+    parts_leaves = [parts] if isinstance(parts, torch.Tensor) or parts is None else list(parts)
+    parts_leaves += [None] * (len(total_leaves) - len(parts_leaves))
+    out = [
+        Stream.multi(t, p) if p is not None and isinstance(t, torch.Tensor) else t
+        for t, p in zip(total_leaves, parts_leaves)
+    ]
+    return tree_unflatten(out, spec)

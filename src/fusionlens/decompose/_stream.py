@@ -1,0 +1,106 @@
+"""The decomposed tensor: a ``torch.Tensor`` subclass whose data is the operating point (the ordinary value the
+model computes) and which carries its modality components alongside.
+
+Two representations, chosen to keep the cost of a decomposition close to one forward pass:
+
+* **single** (``owner`` set, no parts): the whole tensor belongs to one component. Inside a single-modality
+  branch with ``bias="local"`` (the paper's eq. 20: the decomposition starts at the fusion layer) every op keeps
+  it single, so a camera backbone costs exactly what it costs without fusionlens, and needs no rules.
+* **multi** (``parts`` of shape ``(K, *shape)``): one slice per modality and a last slice for the bias; the
+  slices sum to the data up to float rounding.
+
+A :class:`Stream` outside an active decomposition behaves as a plain tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+_ACTIVE: list[Any] = []  # stack of engines; the innermost one handles intercepted calls
+
+
+class Stream(torch.Tensor):
+    """Operating-point tensor with modality components (see module docstring)."""
+
+    _fl_owner: int | None
+    _fl_parts: torch.Tensor | None
+
+    @staticmethod
+    def single(total: torch.Tensor, owner: int) -> Stream:
+        out = _plain(total).as_subclass(Stream)
+        out._fl_owner, out._fl_parts = owner, None
+        return out
+
+    @staticmethod
+    def multi(total: torch.Tensor, parts: torch.Tensor) -> Stream:
+        if parts.shape[1:] != total.shape:
+            raise RuntimeError(f"internal: parts {tuple(parts.shape)} do not match total {tuple(total.shape)}")
+        out = _plain(total).as_subclass(Stream)
+        out._fl_owner, out._fl_parts = None, parts
+        return out
+
+    def fl_total(self) -> torch.Tensor:
+        return _plain(self)
+
+    def fl_parts(self, num_components: int) -> torch.Tensor:
+        """Components as a ``(K, *shape)`` tensor, materialising the single representation if needed."""
+        if self._fl_parts is not None:
+            return self._fl_parts
+        total = _plain(self)
+        parts = total.new_zeros((num_components, *total.shape))
+        parts[self._fl_owner] = total
+        return parts
+
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if not _ACTIVE:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*unwrap(args), **unwrap(kwargs))
+        return _ACTIVE[-1].dispatch(func, args, kwargs)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    if type(t) is torch.Tensor:
+        return t
+    with torch._C.DisableTorchFunctionSubclass():
+        return t.as_subclass(torch.Tensor)
+
+
+def unwrap(tree: Any) -> Any:
+    """Replace every :class:`Stream` in a nested structure by its plain operating-point tensor."""
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([_plain(x) if isinstance(x, Stream) else x for x in leaves], spec)
+
+
+def streams_in(tree: Any) -> list[Stream]:
+    return [x for x in tree_flatten(tree)[0] if isinstance(x, Stream)]
+
+
+def replace_streams(tree: Any, fn: Callable[[Stream], Any]) -> Any:
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([fn(x) if isinstance(x, Stream) else x for x in leaves], spec)
+
+
+def float_tensors(tree: Any) -> Iterator[torch.Tensor]:
+    for x in tree_flatten(tree)[0]:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            yield x
+
+
+class ActiveEngine:
+    """Context manager making ``engine`` the handler of intercepted torch calls."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def __enter__(self) -> Any:
+        _ACTIVE.append(self.engine)
+        return self.engine
+
+    def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.remove(self.engine)

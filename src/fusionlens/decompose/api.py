@@ -1,0 +1,287 @@
+"""``decompose``: Layer-wise Modality Decomposition (LMD) of any ``nn.Module``.
+
+The model runs once, with its modality inputs replaced by decomposed tensors. Every torch call they reach is
+intercepted (``__torch_function__``): the op runs as usual on the operating point, and its rule carries the
+modality components through a linearization at that point (Prop. 1–3, appendix F). Nothing in the model is
+rewritten, so functional calls (``torch.cat``, ``+``, ``F.relu``, ``F.grid_sample``, indexing, scatter) and
+data-dependent control flow work as they are.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from ._engine import Engine
+from ._stream import ActiveEngine, Stream
+from .ruleset import LinearizationSettings, RuleSet, resolve_rules
+
+BIAS_MODES = ("local", "global")
+
+
+class ConservationError(NamedTuple):
+    absolute: float  # max |sum of components - output|
+    relative: float  # absolute / max |output|
+
+
+@dataclass
+class Decomposition:
+    """Result of :func:`decompose`: ``output`` (the model's own output, same structure), ``components``
+    (name -> same structure; modality names then ``"bias"``) and the captures of ``layers=``."""
+
+    output: Any
+    components: dict[str, Any]
+    names: list[str]
+    layers: dict[str, list[dict[str, torch.Tensor]]]
+
+    def layer(self, name: str, call: int = -1) -> dict[str, torch.Tensor]:
+        """Components at the output of module ``name`` (``"total"`` holds the operating point). A module called
+        several times in one forward keeps every call; ``call`` picks one (default: the last)."""
+        if name not in self.layers:
+            raise KeyError(f"layer {name!r} was not captured; pass layers=[{name!r}] (captured: {sorted(self.layers)})")
+        return self.layers[name][call]
+
+    def stacked(self, leaf: int = 0) -> torch.Tensor:
+        """Components of output leaf ``leaf`` as one ``(K, ...)`` tensor, in the order of ``names``."""
+        return torch.stack([tree_flatten(self.components[n])[0][leaf] for n in self.names])
+
+    def conservation_error(self) -> ConservationError:
+        """Max ``|sum of components - output|`` over every floating output tensor, and that over ``max|output|``."""
+        outputs = tree_flatten(self.output)[0]
+        worst, scale = 0.0, 0.0
+        for i, out in enumerate(outputs):
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+                total = self.stacked(i).sum(0)
+                worst = max(worst, (total - out).abs().max().item())
+                scale = max(scale, out.abs().max().item())
+        return ConservationError(worst, worst / scale if scale > 0 else worst)
+
+
+def decompose(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    names: Sequence[str] | None = None,
+    additional_forward_args: Sequence[Any] = (),
+    forward_kwargs: Mapping[str, Any] | None = None,
+    rules: str | RuleSet | LinearizationSettings = "paper",
+    layers: Sequence[str] | None = None,
+    modality_mask: torch.Tensor | None = None,
+    bias: str = "local",
+) -> Decomposition:
+    """Split ``model``'s output into one component per modality plus a bias component that sum to the output.
+
+    Args:
+        model: any ``nn.Module``. Decomposition uses evaluation behaviour: a model in training mode is put in
+            eval mode for the call (with a warning) and restored afterwards.
+        inputs: the modality inputs: a dict name -> tensor (passed as keyword arguments) or a tuple of tensors
+            (passed positionally, named by ``names``, default ``input0, input1, ...``).
+        names: modality names for tuple inputs, or for the values of ``modality_mask``.
+        additional_forward_args: non-modality positional arguments, passed through as constants (Captum's
+            convention: after the tuple inputs; before the keyword modality inputs of a dict).
+        forward_kwargs: non-modality keyword arguments (calibration, valid masks), constants.
+        rules: a preset name (``"paper"``: BN identity, IN/LN/GN ratio, activation identity; ``"bn-uniform+norm-
+            identity"`` etc.; ``"sum-splitting"``, ``"ratio-splitting"``, ``"activations-only"``, ``"norms-only"``;
+            ``"naive"``: each modality run alone with the others zeroed), a ``LinearizationSettings`` or a
+            ``RuleSet``.
+        layers: module names (as in ``model.named_modules()``) whose output components to keep.
+        modality_mask: early fusion: an integer tensor broadcastable to the single input, each value the index of
+            the modality its element belongs to (Captum's ``feature_mask``).
+        bias: ``"local"`` (default, eq. 20: constants inside a single-modality branch belong to that modality; the
+            branch runs at the cost of a plain forward) or ``"global"`` (every constant goes to the bias component).
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
+    modality_names, tensors, as_kwargs = _normalise_inputs(model, inputs, names, modality_mask)
+    forward_kwargs = dict(forward_kwargs or {})
+    wanted = list(layers or [])
+    modules = dict(model.named_modules())
+    missing = [n for n in wanted if n not in modules]
+    if missing:
+        raise ValueError(f"layers not found in the model: {missing} (some valid names: {list(modules)[1:8]})")
+
+    def call(values: list[Any]) -> Any:
+        if as_kwargs:
+            return model(*additional_forward_args, **dict(zip(as_kwargs, values)), **forward_kwargs)
+        return model(*values, *additional_forward_args, **forward_kwargs)
+
+    with _evaluation(model):
+        if rules == "naive":
+            return _naive(call, modality_names, tensors, modality_mask)
+        ruleset = resolve_rules(rules)
+        engine = Engine(modality_names, ruleset, bias)
+        streams = _wrap_inputs(engine, tensors, modality_mask, bias)
+        captures: dict[str, list[dict[str, torch.Tensor]]] = {n: [] for n in wanted}
+        handles = _attach_hooks(model, engine, captures)
+        try:
+            with torch.no_grad(), ActiveEngine(engine):
+                out = call(streams)
+        finally:
+            for handle in handles:
+                handle.remove()
+    total, components = _split_output(engine, out)
+    return Decomposition(total, components, engine.names, captures)
+
+
+def _normalise_inputs(model: nn.Module, inputs: Any, names: Sequence[str] | None,
+                      mask: torch.Tensor | None) -> tuple[list[str], list[torch.Tensor], list[str] | None]:
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if isinstance(inputs, Mapping):
+        keys, tensors = list(inputs), list(inputs.values())
+        params = inspect.signature(model.forward).parameters
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        unknown = [k for k in keys if k not in params and not accepts_any]
+        if unknown:
+            raise ValueError(f"inputs {unknown} are not arguments of {type(model).__name__}.forward "
+                             f"(it takes {list(params)})")
+        modality_names, as_kwargs = keys, keys
+    elif isinstance(inputs, Sequence):
+        tensors = list(inputs)
+        default = [f"input{i}" for i in range(len(tensors))]
+        modality_names = list(names) if names is not None and mask is None else default
+        if len(modality_names) != len(tensors):
+            raise ValueError(f"{len(tensors)} inputs but {len(modality_names)} names: {list(modality_names)}")
+        as_kwargs = None
+    else:
+        raise ValueError(
+            f"inputs must be a dict of tensors, a tuple of tensors or a tensor, got {type(inputs).__name__}"
+        )
+    if not tensors:
+        raise ValueError("inputs is empty: give at least one modality tensor")
+    for name, t in zip(modality_names, tensors):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"input {name!r} must be a floating-point tensor, got {type(t).__name__}"
+                             f"{'' if not isinstance(t, torch.Tensor) else ' of ' + str(t.dtype)}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"input {name!r} contains NaN or inf values")
+    if len(set(modality_names)) != len(modality_names) or "bias" in modality_names:
+        raise ValueError(f"modality names must be unique and not 'bias': {modality_names}")
+    if mask is not None:
+        if len(tensors) != 1:
+            raise ValueError("modality_mask splits exactly one input tensor; got "
+                             f"{len(tensors)} inputs")
+        if mask.is_floating_point() or mask.dtype == torch.bool:
+            raise ValueError(f"modality_mask must be an integer tensor, got {mask.dtype}")
+        try:
+            torch.broadcast_shapes(mask.shape, tensors[0].shape)
+        except RuntimeError as exc:
+            raise ValueError(f"modality_mask of shape {tuple(mask.shape)} does not broadcast to the input "
+                             f"{tuple(tensors[0].shape)}") from exc
+        count = int(mask.max().item()) + 1
+        if mask.min().item() < 0:
+            raise ValueError("modality_mask values must be >= 0")
+        mask_names = list(names) if names is not None else [f"modality{i}" for i in range(count)]
+        if len(mask_names) < count:
+            raise ValueError(f"modality_mask has values up to {count - 1} but only {len(mask_names)} names")
+        modality_names = mask_names
+    return list(modality_names), tensors, as_kwargs
+
+
+def _wrap_inputs(engine: Engine, tensors: list[torch.Tensor], mask: torch.Tensor | None, bias: str) -> list[Stream]:
+    k = engine.num_components
+    if mask is not None:
+        x = tensors[0]
+        parts = torch.stack([x * (mask == m) for m in range(k - 1)] + [torch.zeros_like(x)])
+        return [Stream.multi(x, parts)]
+    if bias == "local":
+        return [Stream.single(t, i) for i, t in enumerate(tensors)]
+    streams = []
+    for i, t in enumerate(tensors):
+        parts = t.new_zeros((k, *t.shape))
+        parts[i] = t
+        streams.append(Stream.multi(t, parts))
+    return streams
+
+
+def _attach_hooks(model: nn.Module, engine: Engine, captures: dict[str, list]) -> list[Any]:
+    handles = []
+    for name, module in model.named_modules():
+        def enter(_m: nn.Module, _a: Any, name: str = name) -> None:
+            engine.module_path.append(name.rsplit(".", 1)[-1] if name else "")
+
+        def leave(_m: nn.Module, _a: Any, output: Any, name: str = name) -> None:
+            if engine.module_path:
+                engine.module_path.pop()
+            if name in captures:
+                captures[name].append(_capture(engine, output))
+
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    return handles
+
+
+def _capture(engine: Engine, output: Any) -> dict[str, torch.Tensor]:
+    leaf = next((x for x in tree_flatten(output)[0] if isinstance(x, torch.Tensor)), None)
+    if leaf is None:
+        return {}
+    parts = _components_of(engine, leaf)
+    captured = {n: parts[i].detach().clone() for i, n in enumerate(engine.names)}
+    captured["total"] = (leaf.fl_total() if isinstance(leaf, Stream) else leaf).detach().clone()
+    return captured
+
+
+def _components_of(engine: Engine, leaf: torch.Tensor) -> torch.Tensor:
+    if isinstance(leaf, Stream):
+        return leaf.fl_parts(engine.num_components)
+    parts = torch.zeros((engine.num_components, *leaf.shape), dtype=leaf.dtype, device=leaf.device)
+    parts[engine.sink] = leaf
+    return parts
+
+
+def _split_output(engine: Engine, out: Any) -> tuple[Any, dict[str, Any]]:
+    leaves, spec = tree_flatten(out)
+    total = tree_unflatten([x.fl_total() if isinstance(x, Stream) else x for x in leaves], spec)
+    components = {}
+    for i, name in enumerate(engine.names):
+        comp = []
+        for x in leaves:
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                comp.append(_components_of(engine, x)[i])
+            else:
+                comp.append(x)
+        components[name] = tree_unflatten(comp, spec)
+    return total, components
+
+
+def _naive(call: Any, names: list[str], tensors: list[torch.Tensor], mask: torch.Tensor | None) -> Decomposition:
+    """Baseline row: modality ``m``'s component is ``F(x_m, 0, ...) - F(0, ..., 0)``, the bias ``F(0, ..., 0)``.
+    Exact only for a network that is affine in its inputs; ``conservation_error`` shows the interaction left out."""
+    with torch.no_grad():
+        def only(m: int | None) -> list[torch.Tensor]:
+            if mask is not None:
+                return [tensors[0] * (mask == m)] if m is not None else [torch.zeros_like(tensors[0])]
+            return [t if i == m else torch.zeros_like(t) for i, t in enumerate(tensors)]
+
+        output = call(tensors)
+        zero = call(only(None))
+        components = {n: tree_map(lambda a, b: a - b, call(only(i)), zero) for i, n in enumerate(names)}
+    components["bias"] = zero
+    return Decomposition(output, components, [*names, "bias"], {})
+
+
+class _evaluation:
+    """Put the model in eval mode for the call (warning if it was training); restore every module's flag."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.flags = {m: m.training for m in model.modules()}
+
+    def __enter__(self) -> None:
+        if self.model.training:
+            warnings.warn("decompose: model was in training mode; using eval mode for the decomposition "
+                          "(restored afterwards)", stacklevel=3)
+            self.model.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, flag in self.flags.items():
+            module.training = flag

@@ -1,0 +1,168 @@
+"""Linearization rules: how one op splits its decomposed inputs into decomposed outputs.
+
+Every rule has the signature ``rule(engine, func, args, kwargs, total) -> parts`` where ``total`` is the op's
+ordinary output at the operating point (already computed with ``func``) and ``parts`` is a ``(K, *shape)`` tensor
+of components (one per modality, then the bias), a list of those for tuple outputs (``None`` marks a constant
+output), or ``None`` when the output is to be treated as a constant. Components must sum to ``total``; rules
+that put a residual into the bias component make that exact to float rounding.
+
+Equation numbers refer to the LMD paper's appendix (``shared/papers/lmd-appendix.txt``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ._stream import Stream
+
+Rule = Callable[[Any, Callable, tuple, dict, Any], Any]
+
+
+def _stack_leaves(outputs: list[Any]) -> Any:
+    """Per-component outputs (each a tensor or tuple) -> one ``(K, ...)`` tensor per floating output leaf."""
+    flat = [tree_flatten(o)[0] for o in outputs]
+    stacked = []
+    for leaf in zip(*flat):
+        ok = isinstance(leaf[0], torch.Tensor) and leaf[0].is_floating_point()
+        stacked.append(torch.stack(leaf) if ok else None)
+    return stacked[0] if isinstance(outputs[0], torch.Tensor) else stacked
+
+
+def linear(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:
+    """A linear map with no constant term (reshape, indexing, pooling by average, interpolation, ``grid_sample``
+    with a constant grid, sums, products with a constant): applied to every component (superposition, eq. 21)."""
+    return _stack_leaves(engine.per_component(func, args, kwargs))
+
+
+def affine(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:
+    """An op affine in its decomposed inputs, ``f(h) = A h + c`` (``+``, ``cat`` with a constant, ``where``,
+    ``pad`` with a value, scatter/``index_put`` of constants): ``f_m(h_m) = A h_m`` and ``f_b(h_b) = A h_b + c``,
+    eq. 21–22, so that the constant ``c = f(0)`` is counted once, in the bias component."""
+    outputs = engine.per_component(func, args, kwargs)
+    zero = tree_flatten(engine.at_zero(func, args, kwargs))[0]
+    stacked = _stack_leaves(outputs)
+    for parts, const in zip(stacked if isinstance(stacked, list) else [stacked], zero):
+        if parts is not None:
+            parts[: engine.sink] -= const  # every non-bias component loses the constant it picked up
+    return stacked
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _constant(value: Any, what: str, engine: Any) -> Any:
+    if isinstance(value, Stream):
+        raise NotImplementedError(f"{what} must not depend on a modality input (in module '{engine.where()}')")
+    return value
+
+
+def convolution(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> torch.Tensor:
+    """Convolution (1–3-d, transposed): linear in its input for a constant weight; the bias enters once, in the
+    bias component (eq. 21). All components run as one batched call."""
+    x = args[0]
+    weight = _constant(_arg(args, kwargs, 1, "weight"), "the convolution weight", engine)
+    bias = _constant(_arg(args, kwargs, 2, "bias"), "the convolution bias", engine)
+    rest = args[3:]
+    parts = engine.parts(x)
+    batched = parts.dim() == weight.dim() + 1
+    flat = parts.flatten(0, 1) if batched else parts
+    with torch._C.DisableTorchFunctionSubclass():
+        out = func(flat, weight, None, *rest, **{k: v for k, v in kwargs.items() if k not in ("weight", "bias")})
+    out = out.unflatten(0, parts.shape[:2]) if batched else out
+    if bias is not None:
+        shape = [1] * (out.dim() - 1)
+        shape[1 if batched else 0] = -1
+        out[engine.sink] += bias.view(shape)
+    return out
+
+
+def dense(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> torch.Tensor:
+    """``F.linear``: ``y_k = W h_k`` for every component, ``+ b`` in the bias component only (eq. 21)."""
+    weight = _constant(_arg(args, kwargs, 1, "weight"), "the linear weight", engine)
+    bias = _constant(_arg(args, kwargs, 2, "bias"), "the linear bias", engine)
+    with torch._C.DisableTorchFunctionSubclass():
+        out = F.linear(engine.parts(args[0]), weight)
+    if bias is not None:
+        out[engine.sink] += bias
+    return out
+
+
+def multilinear(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:
+    """Products (``*``, ``@``, ``einsum``, ``bmm``). With one decomposed factor the op is linear in it. With ``n``
+    decomposed factors ``X_1..X_n`` (gating, SE blocks, attention scores) the component ``k`` is
+    ``(1/n) sum_j f(X_1, .., h_{j,k}, .., X_n)`` — each factor's component times the *totals* of the others,
+    shared equally over the factors. Summing over ``k`` gives ``(1/n) sum_j f(X_1..X_n) = f``, so the product is
+    conserved exactly; an interaction term is split evenly between the modalities that make it."""
+    leaves, spec = tree_flatten((args, kwargs))
+    positions = [i for i, x in enumerate(leaves) if isinstance(x, Stream)]
+    if len(positions) == 1:
+        return linear(engine, func, args, kwargs, total)
+    totals = [x.fl_total() if isinstance(x, Stream) else x for x in leaves]
+    acc = None
+    for j in positions:
+        parts = leaves[j].fl_parts(engine.num_components)
+        outs = []
+        for k in range(engine.num_components):
+            call = list(totals)
+            call[j] = parts[k]
+            a, kw = tree_unflatten(call, spec)
+            with torch._C.DisableTorchFunctionSubclass():
+                outs.append(func(*a, **kw))
+        stacked = torch.stack(outs)
+        acc = stacked if acc is None else acc + stacked
+    return acc / len(positions)
+
+
+def divide(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:
+    """``a / b``: linear in ``a`` for a constant ``b``; ``c / b`` is the elementwise nonlinearity ``c/x`` (Prop. 1);
+    with both decomposed, ``a * (1/b)`` by the product rule."""
+    a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
+    if not isinstance(b, Stream):
+        return linear(engine, func, args, kwargs, total)
+    reciprocal = engine.dispatch(torch.reciprocal, (b,), {})
+    if not isinstance(a, Stream):
+        return (reciprocal * a).fl_parts(engine.num_components)
+    return multilinear(engine, torch.mul, (a, reciprocal), {}, total)
+
+
+def as_constant(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> None:
+    """Treat the output as a constant at the operating point (softmax attention weights, piecewise-constant
+    functions such as ``floor``): the default the issue asks for. The alternative — linearizing the softmax
+    around its input — would make every downstream product bilinear in the modalities."""
+    return None
+
+
+def attention(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:
+    """``F.scaled_dot_product_attention``: the weights ``softmax(QK^T/sqrt(d) + mask)`` are computed on the totals
+    and held constant, so the output ``weights @ V`` is linear in ``V``'s components. Queries and keys then carry
+    no attribution of their own (documented limitation; see :func:`as_constant`)."""
+    q, k, v = (a.fl_total() if isinstance(a, Stream) else a for a in args[:3])
+    mask = _arg(args, kwargs, 3, "attn_mask")
+    is_causal = _arg(args, kwargs, 5, "is_causal", False)
+    scale = kwargs.get("scale") or q.shape[-1] ** -0.5
+    with torch._C.DisableTorchFunctionSubclass():
+        scores = q @ k.transpose(-2, -1) * scale
+        if is_causal:
+            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if mask is not None:
+            mask = mask.fl_total() if isinstance(mask, Stream) else mask
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = scores.softmax(-1)
+        v_parts = engine.parts(args[2])
+        return None if v_parts is None else weights @ v_parts
+
+
+def dropout(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:
+    """Dropout and friends decompose with their evaluation behaviour (identity)."""
+    if _arg(args, kwargs, 2, "training", False):
+        raise RuntimeError(f"dropout in training mode inside '{engine.where()}': decompose needs eval behaviour")
+    return engine.parts(args[0]).clone()
