@@ -115,9 +115,7 @@ class FixtureManifest:
 
     def ego_pose(self, scene: FixtureScene, t: float) -> np.ndarray:
         """4x4 global-from-ego at ``t`` seconds after the first keyframe."""
-        x0, y0, yaw0 = scene.ego_start
-        return pose_matrix((x0 + scene.ego_velocity[0] * t, y0 + scene.ego_velocity[1] * t, 0.0),
-                           yaw0 + scene.ego_yaw_rate * t)
+        return scene_ego_pose(scene, t)
 
     def landmarks_global(self, scene: FixtureScene) -> np.ndarray:
         """``(K, 3)`` global positions of the scene's landmarks."""
@@ -128,6 +126,13 @@ class FixtureManifest:
     def sensor_to_ego(self, channel: str) -> np.ndarray:
         spec = next(s for s in self.rig if s.channel == channel)
         return sensor_matrix(spec)
+
+
+def scene_ego_pose(scene: FixtureScene, t: float) -> np.ndarray:
+    """4x4 global-from-ego of ``scene`` at ``t`` seconds after its first keyframe."""
+    x0, y0, yaw0 = scene.ego_start
+    return pose_matrix((x0 + scene.ego_velocity[0] * t, y0 + scene.ego_velocity[1] * t, 0.0),
+                       yaw0 + scene.ego_yaw_rate * t)
 
 
 def _token(*parts: object) -> str:
