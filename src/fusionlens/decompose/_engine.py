@@ -66,8 +66,15 @@ def _property(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 class Engine:
     """Holds the state of one decomposition: component names, rule set, bias mode, module path, captures."""
 
-    def __init__(self, names: list[str], rules: Any, bias: str) -> None:
+    def __init__(self, names: list[str], rules: Any, bias: str, replay: list[Any] | None = None,
+                 record: bool = False) -> None:
         self.names = [*names, "bias"]
+        # Coefficients of the linearization (slopes, norm statistics, pooling winners, attention weights), in call
+        # order: recorded to freeze a decomposition at one operating point, replayed to evaluate the linearized
+        # network at other inputs (the "frozen" perturbation metrics of appendix D.2).
+        self.tape: list[Any] | None = [] if record else None
+        self.replay = replay
+        self._cursor = 0
         self.num_components = len(self.names)
         self.sink = self.num_components - 1  # constants entering mixed tensors go to the bias component
         self.rules = rules
@@ -94,6 +101,19 @@ class Engine:
         a, kw = _replace((args, kwargs), lambda s: torch.zeros_like(s.fl_total()))
         return _call_plain(func, a, kw)
 
+    def coefficient(self, compute: Callable[[], Any]) -> Any:
+        """An operating-point quantity: computed now (and recorded), or taken from the frozen tape."""
+        if self.replay is not None:
+            if self._cursor >= len(self.replay):
+                raise RuntimeError(f"frozen coefficients exhausted at '{self.where()}': the model took another path")
+            value = self.replay[self._cursor]
+            self._cursor += 1
+            return value
+        value = compute()
+        if self.tape is not None:
+            self.tape.append(value)
+        return value
+
     def where(self) -> str:
         return ".".join(p for p in self.module_path if p) or "<top level>"
 
@@ -118,7 +138,7 @@ class Engine:
             return _wrap(_call_plain(func, args, kwargs), lambda t: Stream.single(t, owner))
         total = _call_plain(func, args, kwargs)
         if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tree_flatten(total)[0]):
-            return total  # comparisons, indices, casts to int: constants at the operating point
+            return self.coefficient(lambda: total)  # comparisons, indices, int casts: constants at the operating point
         rule = self.rules.lookup(func, name)
         if rule is None:
             raise UnsupportedOperationError(
@@ -126,6 +146,8 @@ class Engine:
                 "fusionlens.decompose.register_rule"
             )
         parts = rule(self, func, args, kwargs, total)
+        if parts is None:  # the rule declared the output a constant at the operating point
+            return self.coefficient(lambda: total)
         return _attach(total, parts)
 
     def _out_of_place(self, func: Callable, name: str, args: tuple, kwargs: dict) -> tuple | None:

@@ -40,6 +40,7 @@ class Decomposition:
     components: dict[str, Any]
     names: list[str]
     layers: dict[str, list[dict[str, torch.Tensor]]]
+    coefficients: list[Any] | None = None  # the linearization's operating-point quantities, if recorded
 
     def layer(self, name: str, call: int = -1) -> dict[str, torch.Tensor]:
         """Components at the output of module ``name`` (``"total"`` holds the operating point). A module called
@@ -75,6 +76,8 @@ def decompose(
     layers: Sequence[str] | None = None,
     modality_mask: torch.Tensor | None = None,
     bias: str = "local",
+    record_coefficients: bool = False,
+    coefficients: list[Any] | None = None,
 ) -> Decomposition:
     """Split ``model``'s output into one component per modality plus a bias component that sum to the output.
 
@@ -96,6 +99,10 @@ def decompose(
             the modality its element belongs to (Captum's ``feature_mask``).
         bias: ``"local"`` (default, eq. 20: constants inside a single-modality branch belong to that modality; the
             branch runs at the cost of a plain forward) or ``"global"`` (every constant goes to the bias component).
+        record_coefficients: keep the linearization coefficients (``Decomposition.coefficients``).
+        coefficients: evaluate the network *linearized at another operating point* (coefficients recorded there)
+            on these inputs — the "frozen" mode of the perturbation metrics. The components are then those of
+            that fixed linear system; they no longer sum to this input's nonlinear output.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -118,7 +125,7 @@ def decompose(
         if rules == "naive":
             return _naive(call, modality_names, tensors, modality_mask)
         ruleset = resolve_rules(rules)
-        engine = Engine(modality_names, ruleset, bias)
+        engine = Engine(modality_names, ruleset, bias, replay=coefficients, record=record_coefficients)
         streams = _wrap_inputs(engine, tensors, modality_mask, bias)
         captures: dict[str, list[dict[str, torch.Tensor]]] = {n: [] for n in wanted}
         handles = _attach_hooks(model, engine, captures)
@@ -129,7 +136,7 @@ def decompose(
             for handle in handles:
                 handle.remove()
     total, components = _split_output(engine, out)
-    return Decomposition(total, components, engine.names, captures)
+    return Decomposition(total, components, engine.names, captures, engine.tape)
 
 
 def _normalise_inputs(model: nn.Module, inputs: Any, names: Sequence[str] | None,

@@ -105,7 +105,7 @@ def multilinear(engine: Any, func: Callable, args: tuple, kwargs: dict, total: A
     positions = [i for i, x in enumerate(leaves) if isinstance(x, Stream)]
     if len(positions) == 1:
         return linear(engine, func, args, kwargs, total)
-    totals = [x.fl_total() if isinstance(x, Stream) else x for x in leaves]
+    totals = engine.coefficient(lambda: [x.fl_total() if isinstance(x, Stream) else x for x in leaves])
     acc = None
     for j in positions:
         parts = leaves[j].fl_parts(engine.num_components)
@@ -144,6 +144,12 @@ def attention(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any
     """``F.scaled_dot_product_attention``: the weights ``softmax(QK^T/sqrt(d) + mask)`` are computed on the totals
     and held constant, so the output ``weights @ V`` is linear in ``V``'s components. Queries and keys then carry
     no attribution of their own (documented limitation; see :func:`as_constant`)."""
+    weights = engine.coefficient(lambda: _attention_weights(args, kwargs))
+    v_parts = engine.parts(args[2])
+    return None if v_parts is None else weights @ v_parts
+
+
+def _attention_weights(args: tuple, kwargs: dict) -> torch.Tensor:
     q, k, v = (a.fl_total() if isinstance(a, Stream) else a for a in args[:3])
     mask = _arg(args, kwargs, 3, "attn_mask")
     is_causal = _arg(args, kwargs, 5, "is_causal", False)
@@ -156,9 +162,7 @@ def attention(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any
         if mask is not None:
             mask = mask.fl_total() if isinstance(mask, Stream) else mask
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        weights = scores.softmax(-1)
-        v_parts = engine.parts(args[2])
-        return None if v_parts is None else weights @ v_parts
+        return scores.softmax(-1)
 
 
 def dropout(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:

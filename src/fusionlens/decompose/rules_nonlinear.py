@@ -91,12 +91,13 @@ def activation(engine: Any, func: Callable, args: tuple, kwargs: dict, total: to
     parts = x.fl_parts(engine.num_components)
     if not settings.linearize_activations:  # ablation row: each component through the original function
         return _stack_leaves([_plain_call(func, p, *args[1:], **kwargs) for p in parts])
-    slope = secant_slope(total, x.fl_total())
     split = _SPLITS[settings.activation]
     if split is not None:
         parts = split(parts, engine.sink)
+    slope = engine.coefficient(lambda: secant_slope(total, x.fl_total()))
     out = slope * parts
-    out[engine.sink] += total - out.sum(0)
+    # The residual is recorded too: under frozen coefficients the bias keeps the clean point's F(0) terms.
+    out[engine.sink] += engine.coefficient(lambda: total - out.sum(0))
     return out
 
 
@@ -108,15 +109,18 @@ def _norm_core(engine: Any, parts: torch.Tensor, value: torch.Tensor, groups: tu
     components ``1/K`` of it."""
     k = parts.shape[0]
     grouped_value = value.reshape(groups)
-    inv_std = torch.rsqrt(grouped_value.var(-1, unbiased=False, keepdim=True) + eps)
+    mean, inv_std = engine.coefficient(lambda: (
+        grouped_value.mean(-1, keepdim=True),
+        torch.rsqrt(grouped_value.var(-1, unbiased=False, keepdim=True) + eps),
+    ))
     grouped = parts.reshape(k, *groups)
     if rule == "ratio":
         out = (grouped - grouped.mean(-1, keepdim=True)) * inv_std
     elif rule == "identity":
         out = grouped * inv_std
-        out[engine.sink] -= grouped_value.mean(-1, keepdim=True) * inv_std
+        out[engine.sink] -= mean * inv_std
     else:  # uniform
-        out = (grouped - grouped_value.mean(-1, keepdim=True) / k) * inv_std
+        out = (grouped - mean / k) * inv_std
     return out.reshape(parts.shape)
 
 
@@ -231,8 +235,11 @@ def max_pool(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any)
     dims = _pool_dims(func)
     indices_at = 2 if "adaptive" in getattr(func, "__name__", "") else 6
     call_kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
-    with torch._C.DisableTorchFunctionSubclass():
-        _, index = func(value, *args[1:indices_at], **call_kwargs, return_indices=True)
+    def winners() -> torch.Tensor:
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(value, *args[1:indices_at], **call_kwargs, return_indices=True)[1]
+
+    index = engine.coefficient(winners)
     parts = x.fl_parts(engine.num_components)
     flat_index = index.flatten(-dims)
     picked = parts.flatten(-dims).gather(-1, flat_index.unsqueeze(0).expand(parts.shape[0], *flat_index.shape))
@@ -267,13 +274,13 @@ def reduce_select(engine: Any, func: Callable, args: tuple, kwargs: dict, total:
         dims = tuple(d % value.dim() for d in dims)
         moved = value.movedim(dims, tuple(range(-len(dims), 0))).flatten(-len(dims))
         pmoved = parts.movedim(tuple(d + 1 for d in dims), tuple(range(-len(dims), 0))).flatten(-len(dims))
-        pick = moved.argmax(-1) if "max" in name else moved.argmin(-1)
+        pick = engine.coefficient(lambda: moved.argmax(-1) if "max" in name else moved.argmin(-1))
         out = pmoved.gather(-1, pick.unsqueeze(0).unsqueeze(-1).expand(parts.shape[0], *pick.shape, 1)).squeeze(-1)
         if keepdim:
             for d in sorted(dims):
                 out = out.unsqueeze(d + 1)
         return out
-    index = total[1]
+    index = engine.coefficient(lambda: total[1])
     dim = _arg(args, kwargs, 2 if name in ("topk", "kthvalue") else 1, "dim", -1)
     dim = (dim if dim is not None else -1) % value.dim()
     keepdim = _arg(args, kwargs, 2, "keepdim", False) if name in ("max", "min", "median", "mode") else True
@@ -290,7 +297,7 @@ def _elementwise_select(engine: Any, func: Callable, args: tuple, kwargs: dict, 
     a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
     at, bt = (t.fl_total() if isinstance(t, Stream) else t for t in (a, b))
     name = getattr(func, "__name__", "")
-    win = (at >= bt) if "max" in name else (at <= bt)
+    win = engine.coefficient(lambda: (at >= bt) if "max" in name else (at <= bt))
     return affine(engine, torch.where, (win, a, b), {}, total)
 
 
@@ -308,15 +315,7 @@ def scatter_reduce(engine: Any, func: Callable, args: tuple, kwargs: dict, total
         raise NotImplementedError(f"scatter_reduce '{reduce}' on decomposed tensors (in '{engine.where()}')")
     t_self = target.fl_total() if isinstance(target, Stream) else target
     t_src = src.fl_total() if isinstance(src, Stream) else src
-    with torch._C.DisableTorchFunctionSubclass():
-        reached = torch.zeros_like(total, dtype=torch.bool).scatter(dim, index, True)
-        keep_self = ~reached | ((t_self == total) if include_self else torch.zeros_like(reached))
-        candidate = (t_src == total.gather(dim, index)) & ~keep_self.gather(dim, index)
-        position = torch.arange(t_src.numel(), device=t_src.device).view(t_src.shape)
-        big = torch.full_like(position, t_src.numel())
-        first = big.new_full(total.shape, t_src.numel()).scatter_reduce(
-            dim, index, torch.where(candidate, position, big), "amin", include_self=True)
-        winner = candidate & (position == first.gather(dim, index))
+    keep_self, winner = engine.coefficient(lambda: _scatter_winners(total, t_self, t_src, dim, index, include_self))
     k = engine.num_components
     self_parts = engine.parts(target)
     if self_parts is None:
@@ -330,6 +329,21 @@ def scatter_reduce(engine: Any, func: Callable, args: tuple, kwargs: dict, total
         out = torch.where(keep_self, self_parts, torch.zeros_like(self_parts))
         routed = torch.where(winner, src_parts, torch.zeros_like(src_parts))
         return out.scatter_add(dim + 1, index.unsqueeze(0).expand(k, *index.shape), routed)
+
+
+def _scatter_winners(total: torch.Tensor, t_self: torch.Tensor, t_src: torch.Tensor, dim: int, index: torch.Tensor,
+                     include_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where ``self`` is kept, and which single source element wins each destination of an amax/amin scatter."""
+    with torch._C.DisableTorchFunctionSubclass():
+        reached = torch.zeros_like(total, dtype=torch.bool).scatter(dim, index, True)
+        keep_self = ~reached | ((t_self == total) if include_self else torch.zeros_like(reached))
+        candidate = (t_src == total.gather(dim, index)) & ~keep_self.gather(dim, index)
+        position = torch.arange(t_src.numel(), device=t_src.device).view(t_src.shape)
+        big = torch.full_like(position, t_src.numel())
+        first = big.new_full(total.shape, t_src.numel()).scatter_reduce(
+            dim, index, torch.where(candidate, position, big), "amin", include_self=True)
+        winner = candidate & (position == first.gather(dim, index))
+    return keep_self, winner
 
 
 def grid_sample(engine: Any, func: Callable, args: tuple, kwargs: dict, total: torch.Tensor) -> Any:
