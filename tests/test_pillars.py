@@ -139,3 +139,26 @@ def test_registered_and_bad_input() -> None:
         enc(torch.zeros(1, 3, 4), torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="lidar_valid"):
         enc(torch.zeros(1, 3, 5), torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_lmd_decomposes_a_pillars_fusion_model_conservatively() -> None:
+    """The LMD engine follows every op of the encoder (index, index_add, scatter_reduce amax, BatchNorm1d)."""
+    from fusionlens.decompose.api import decompose
+    from fusionlens.models import build_model, preset_config
+
+    torch.manual_seed(0)
+    small = {"pointnet_channels": [8], "channels": 4}
+    cfg = preset_config("tiny", "radar,lidar", grid=GRID, point_encoders={"lidar": "pillars", "radar": "pillars"},
+                        point_encoder_kwargs={"lidar": small, "radar": small}, fusion_dim=8, decoder_width=8,
+                        head_dim=8, extra_heads={"centerpoint": {"classes": ["car"], "hidden": 8}})
+    model = build_model(cfg).eval()
+    lidar, lidar_valid = _cloud(2, 40, seed=1)
+    radar, radar_valid = _cloud(2, 12, seed=2, fields=len(RADAR_FIELDS))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d = decompose(model, {"radar": radar, "lidar": lidar},
+                  forward_kwargs={"radar_valid": radar_valid, "lidar_valid": lidar_valid})
+    assert d.names == ["radar", "lidar", "bias"]
+    assert d.conservation_error().relative < 1e-5
+    heat = d.components["lidar"]["det_heatmap"]
+    assert heat.shape == (2, 1, 16, 16) and heat.abs().sum() > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
