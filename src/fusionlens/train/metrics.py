@@ -21,11 +21,14 @@ DEFAULT_DISTANCE_BANDS: tuple[float, ...] = (0.0, 20.0, 35.0, 50.0, math.inf)
 
 
 def condition_tags(meta: dict[str, Any]) -> list[str]:
-    """Tags naming a sample's conditions and sensor faults, e.g. ``["weather=rain", "fault=none"]``.
+    """Tags naming a sample's conditions and sensor faults, e.g. ``["night", "rain", "radar_dropout"]``.
 
-    ``meta["conditions"]`` may be a mapping (name -> value) or a string; ``meta["faults"]`` a sequence of
-    fault names, a mapping (name -> truthy when active) or absent (no tag).
+    ``meta["tags"]`` (the built-in world's list of active conditions, time of day first) is used as is.
+    Otherwise ``meta["conditions"]`` may be a mapping (name -> value) or a string, and ``meta["faults"]`` a
+    sequence of fault names, a mapping (name -> truthy when active) or absent (no tag).
     """
+    if isinstance(meta.get("tags"), list | tuple):  # the built-in world lists its active conditions by name
+        return [str(t) for t in meta["tags"]]
     tags: list[str] = []
     cond = meta.get("conditions")
     if isinstance(cond, dict):

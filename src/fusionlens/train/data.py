@@ -1,0 +1,58 @@
+"""Datasets by name for the command line: ``builtin`` (the simulated world), ``synthetic`` (tests and smoke runs)
+and ``nuscenes`` (real data through nuscenes-devkit)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch.utils.data import Dataset
+
+DATA_KINDS: tuple[str, ...] = ("builtin", "synthetic", "nuscenes")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+class _WorldSamples(Dataset):
+    """The world's samples rendered on demand (used only when ``fusionlens.data.builtin`` is unavailable)."""
+
+    def __init__(self, split: str, size: int, seed: int) -> None:
+        from fusionlens.world.config import WorldConfig
+
+        self.cfg, self.split, self.size, self.seed = WorldConfig(), split, size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Any:
+        from fusionlens.world.generate import generate_sample
+
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        return generate_sample(self.cfg, self.seed, self.split, index)
+
+
+def open_dataset(
+    kind: str, split: str, *, size: int | None = None, seed: int = 0, root: str | None = None, **options: Any
+) -> Dataset:
+    """The ``split`` of dataset ``kind`` (``size`` samples where the source is generated)."""
+    if kind not in DATA_KINDS:
+        raise ValueError(f"--data must be one of {list(DATA_KINDS)}, got {kind!r}")
+    if split not in SPLITS:
+        raise ValueError(f"--split must be one of {list(SPLITS)}, got {split!r}")
+    if size is not None and size <= 0:
+        raise ValueError(f"dataset size must be positive, got {size}")
+    if kind == "synthetic":
+        from fusionlens.train.synthetic import SyntheticDataset
+
+        offset = {"train": 0, "val": 1, "test": 2}[split]
+        return SyntheticDataset(size or 64, seed=seed * 3 + offset)
+    if kind == "nuscenes":
+        nus = importlib.import_module("fusionlens.data.nuscenes")
+        if root is None:
+            raise ValueError("--data nuscenes needs --dataroot (the nuScenes folder)")
+        return nus.NuScenesDataset(root, split=split, **options)
+    try:
+        builtin = importlib.import_module("fusionlens.data.builtin")
+    except ModuleNotFoundError:
+        return _WorldSamples(split, size or 64, seed)
+    return builtin.BuiltinDataset(split=split, size=size, seed=seed, **options)
