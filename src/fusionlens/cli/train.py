@@ -80,12 +80,13 @@ def run(args: argparse.Namespace) -> int:
     if grid != config.grid:  # train on the data's grid (the preset only sizes the network)
         config = model_config_from_args(args, grid)
     val_set = dataset_for(args, "val", args.val_size, config) if args.val_size != 0 else None
-    prepare, hook = None, None
+    prepare, hooks = None, (None, None)
     if init_from:
-        from fusionlens.train.pretrained import backbone_initialiser, freeze_hook
+        from fusionlens.train.pretrained import backbone_initialiser, freeze_hooks
 
         prepare = backbone_initialiser(init_from)
-        hook = freeze_hook(list(init_from), args.freeze_steps) if args.freeze_steps else None
+        if args.freeze_steps:
+            hooks = freeze_hooks(list(init_from), args.freeze_steps)
     elif args.freeze_steps:
         raise ValueError("--freeze-steps needs --init-from (which backbones to freeze)")
     result = train(
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=args.out,
         resume=args.resume,
         prepare_model=prepare,
-        step_hook=hook,
+        step_hook=hooks[0],
+        after_backward=hooks[1],
         progress=not args.no_progress,
     )
     summary = {

@@ -9,7 +9,8 @@ An extra head reads the decoder's BEV features::
 
     factory(in_channels: int, grid: BEVGrid, **kwargs) -> nn.Module with
     forward(features: (B, in_channels, X, Y)) -> dict[str, Tensor]  (keys unlike seg/center/offset)
-    and optionally ``loss(outputs: dict, batch: dict) -> dict[str, Tensor]`` which training adds to its loss.
+    and optionally ``loss(outputs: dict, batch: dict) -> dict[str, Tensor]`` which training adds to its
+    loss (the ``total`` or ``*_total`` term when there is one, else the sum of the terms).
 
 Register with :func:`register_point_encoder` / :func:`register_head` at import time of your module; modules
 named in ``_PLUGIN_MODULES`` are imported on first lookup of an unknown name, so a config can name them

@@ -107,9 +107,7 @@ class StepSampler(Sampler[list[int]]):
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            self._perms = {
-                epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-            }
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
         return self._perms[epoch]
 
     def indices(self, step: int) -> list[int]:
@@ -125,9 +123,20 @@ class StepSampler(Sampler[list[int]]):
 
 
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def extra_head_loss(model: FusionModel, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+    """Sum of the extra heads' own losses (``head.loss(outputs, batch)``; its ``total``/``*_total`` term when
+    there is one, else the sum of its terms) -- see :mod:`fusionlens.models.registry`."""
+    total = torch.zeros((), device=outputs["seg"].device)
+    for head in model.extra_heads.values():
+        if not hasattr(head, "loss"):
+            continue
+        terms = head.loss(outputs, batch)
+        named = [v for k, v in terms.items() if k == "total" or k.endswith("_total")]
+        total = total + (sum(named) if named else sum(terms.values()))
+    return total
 
 
 def check_dataset(dataset: Dataset, config: ModelConfig, name: str) -> None:
@@ -136,9 +145,7 @@ def check_dataset(dataset: Dataset, config: ModelConfig, name: str) -> None:
         raise ValueError(f"{name} dataset is empty")
     sample = dataset[0]
     if sample.grid != config.grid:
-        raise ValueError(
-            f"{name} dataset grid {sample.grid} differs from the model config grid {config.grid}"
-        )
+        raise ValueError(f"{name} dataset grid {sample.grid} differs from the model config grid {config.grid}")
     attr = {"camera": "images", "radar": "radar", "lidar": "lidar"}
     missing = [m for m in config.modalities if getattr(sample, attr[m]) is None]
     if missing:
@@ -222,12 +229,14 @@ def train(
     resume: bool = False,
     prepare_model: Callable[[FusionModel], None] | None = None,
     step_hook: Callable[[FusionModel, int], None] | None = None,
+    after_backward: Callable[[FusionModel, int], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train a model on ``train_set`` (Samples); save to ``checkpoint``; return losses and validation IoUs.
 
     ``prepare_model`` runs once on the fresh model before training (e.g. to load pre-trained backbones);
-    ``step_hook(model, step)`` before every step (e.g. to freeze a backbone for the first N steps).
+    ``step_hook(model, step)`` runs before every step and ``after_backward(model, step)`` between backward and
+    the optimizer step (together they freeze a backbone for the first N steps, see ``train.pretrained``).
     """
     device = torch.device(train_config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -248,9 +257,7 @@ def train(
     if prepare_model is not None and not resume:
         prepare_model(model)
     model.to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=train_config.lr, total_steps=train_config.steps, pct_start=train_config.pct_start
     )
@@ -317,7 +324,7 @@ def train(
         with _autocast(device, use_amp):
             out = net(**inputs, **kwargs)
         terms = simplebev_loss(out, batch, train_config.loss)
-        loss = terms["total"]
+        loss = terms["total"] + extra_head_loss(model, out, batch)
         if not all_true(info, bool(torch.isfinite(loss.detach()))):
             bar.close()
             where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was saved yet"
@@ -326,6 +333,8 @@ def train(
             )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if after_backward is not None:
+            after_backward(model, step)
         if train_config.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
