@@ -92,6 +92,9 @@ class FixtureScene:
     # Static points seen by every radar and LiDAR file, given in the ego frame of the first keyframe.
     landmarks: tuple[tuple[float, float, float], ...] = ()
     landmark_velocity: tuple[float, float] = (3.0, -1.0)  # global velocity written into every radar return
+    # Extra random (radar, LiDAR) returns per file, within 60 m of the sensor: realistic sizes for benchmarks
+    # (nuScenes: up to ~125 per radar file, ~34,700 per LiDAR sweep).
+    clutter: tuple[int, int] = (0, 0)
     start_time_us: int = 1_532_402_927_647_951
 
 
@@ -106,6 +109,7 @@ class FixtureManifest:
     intrinsic: np.ndarray  # (3, 3), same for every camera
     image_hw: tuple[int, int]
     camera_colours: dict[str, tuple[int, int, int]]
+    textured_images: bool = False
     sample_tokens: dict[str, list[str]] = field(default_factory=dict)  # scene name -> keyframe tokens
     files: dict[str, list[str]] = field(default_factory=dict)  # sample token -> relative paths it references
 
@@ -196,10 +200,14 @@ def write_lidar_bin(path: Path, points: np.ndarray) -> None:
     atomic_write_bytes(path, points.astype(np.float32).tobytes())
 
 
-def _write_jpeg(path: Path, hw: tuple[int, int], colour: tuple[int, int, int]) -> None:
+def _write_jpeg(path: Path, hw: tuple[int, int], colour: tuple[int, int, int], textured: bool, seed: int) -> None:
     from PIL import Image
 
-    img = Image.new("RGB", (hw[1], hw[0]), colour)
+    pixels = np.broadcast_to(np.asarray(colour, dtype=np.int16), (hw[0], hw[1], 3))
+    if textured:  # noise makes JPEG decoding cost what a real photo costs
+        noise = np.random.default_rng(seed).integers(-40, 41, size=pixels.shape)
+        pixels = pixels + noise
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     with atomic_open(path, "wb") as handle:
         img.save(handle, format="JPEG", quality=95)
 
@@ -210,8 +218,12 @@ def _sensor_points(manifest: FixtureManifest, scene: FixtureScene, spec: SensorS
     lm = manifest.landmarks_global(scene)
     xyz = (sensor_from_global[:3, :3] @ lm.T).T + sensor_from_global[:3, 3]
     k = np.arange(len(lm))
+    rng = np.random.default_rng(int(_token(scene.name, spec.channel, round(t * 1e6)), 16) % 2**32)
     if spec.modality == "lidar":
-        return np.column_stack([xyz, 10.0 + k, k % 32])
+        n = scene.clutter[1]
+        extra = np.column_stack([rng.uniform(-60, 60, (n, 2)), rng.uniform(-2, 2, n), rng.uniform(0, 100, n),
+                                 rng.integers(0, 32, n)])
+        return np.vstack([np.column_stack([xyz, 10.0 + k, k % 32]), extra])
     rot = sensor_from_global[:2, :2]
     v_comp = np.tile(rot @ np.asarray(scene.landmark_velocity), (len(lm), 1))
     v_rel = np.asarray(scene.landmark_velocity) - np.asarray(scene.ego_velocity)
@@ -222,7 +234,13 @@ def _sensor_points(manifest: FixtureManifest, scene: FixtureScene, spec: SensorS
     valid = np.column_stack(cols).astype(np.float64)
     # One return that the devkit's default filters reject (invalid_state 1): filter settings are testable.
     rejected = np.array([[20.0, 0.5, 0.0, 1, 99, 1.0, 0, 0, 0, 0, 1, 3, 0, 0, 1, 1, 0, 0]])
-    return np.vstack([valid, rejected])
+    n = scene.clutter[0]
+    extra = np.zeros((n, 18))
+    extra[:, :2] = rng.uniform(1.5, 60.0, (n, 2))
+    extra[:, 3:6] = np.column_stack([rng.integers(0, 8, n), 1000 + np.arange(n), rng.uniform(-5, 20, n)])
+    extra[:, 6:10] = rng.normal(0.0, 3.0, (n, 4))
+    extra[:, 11] = 3
+    return np.vstack([valid, rejected, extra])
 
 
 def write_nuscenes_fixture(
@@ -232,8 +250,12 @@ def write_nuscenes_fixture(
     version: str = "v1.0-mini",
     image_hw: tuple[int, int] = (36, 64),
     rig: tuple[SensorSpec, ...] | None = None,
+    textured_images: bool = False,
 ) -> FixtureManifest:
-    """Write a nuScenes-format dataset under ``root`` and return its :class:`FixtureManifest`."""
+    """Write a nuScenes-format dataset under ``root`` and return its :class:`FixtureManifest`.
+
+    Images are flat per-camera colours (``camera_colours``), or that colour plus noise with ``textured_images``.
+    """
     root = Path(root)
     rig = default_rig() if rig is None else rig
     if scenes is None:
@@ -248,7 +270,7 @@ def write_nuscenes_fixture(
                           [0.0, 1266.4 * h / 900, 491.5 * h / 900], [0.0, 0.0, 1.0]])
     colours = {s.channel: ((40 * i) % 256, 255 - 30 * i, 60 + 25 * i)
                for i, s in enumerate(r for r in rig if r.modality == "camera")}
-    man = FixtureManifest(root, version, rig, scenes, intrinsic, image_hw, colours)
+    man = FixtureManifest(root, version, rig, scenes, intrinsic, image_hw, colours, textured_images)
     t: dict[str, list[dict]] = {name: [] for name in FIXTURE_TABLES}
     t["visibility"] = [{"token": k, "level": v, "description": f"visibility of whole object is {v[1:]}%"}
                        for k, v in _VISIBILITY_LEVELS.items()]
@@ -325,7 +347,7 @@ def _write_channel(man: FixtureManifest, t: dict[str, list[dict]], scene: Fixtur
             man.files[keys[k]].append(rel)
         t_exact = (us - scene.start_time_us) * 1e-6
         if spec.modality == "camera":
-            _write_jpeg(man.root / rel, man.image_hw, man.camera_colours[spec.channel])
+            _write_jpeg(man.root / rel, man.image_hw, man.camera_colours[spec.channel], man.textured_images, us)
         elif spec.modality == "radar":
             write_radar_pcd(man.root / rel, _sensor_points(man, scene, spec, t_exact))
         else:
