@@ -28,15 +28,15 @@ from fusionlens.models.centerpoint import find_detection_head
 from fusionlens.train.losses import simplebev_loss
 
 
-def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
-    if args.data == "synthetic":
-        from fusionlens.train.synthetic import SyntheticDataset
+def load_data(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    """Both splits rendered once into memory (the world renders a sample in ~0.2 s; training revisits each)."""
+    from fusionlens.train.data import open_dataset
 
-        return SyntheticDataset(args.train, seed=args.seed), SyntheticDataset(args.val, seed=args.seed + 1)
-    from fusionlens.data.builtin import BuiltinDataset  # the built-in world (issue 2)
-
-    return (BuiltinDataset(split="train", length=args.train, cache=args.cache),
-            BuiltinDataset(split="val", length=args.val, cache=args.cache))
+    out = []
+    for split, size in (("train", args.train), ("val", args.val)):
+        ds = open_dataset(args.data, split, size=size, seed=args.seed)
+        out.append([ds[i] for i in tqdm(range(len(ds)), desc=f"render {split}", disable=not args.progress)])
+    return out[0], out[1]
 
 
 def present_classes(dataset: Dataset, limit: int = 64) -> list[str]:
@@ -51,7 +51,9 @@ def train_detector(model: torch.nn.Module, dataset: Dataset, args: argparse.Name
     """AdamW + one-cycle training of ``model`` for ``args.steps`` steps; returns the loss of every step."""
     head = find_detection_head(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    # a 10 % warm-up, but at least 3 steps of it (OneCycleLR divides by the warm-up length)
+    warmup = min(0.5, max(0.1, 3.0 / args.steps))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=warmup)
     gen = torch.Generator().manual_seed(args.seed)
     order = torch.cat([torch.randperm(len(dataset), generator=gen)  # type: ignore[arg-type]
                        for _ in range(args.steps * args.batch_size // len(dataset) + 1)])  # type: ignore[arg-type]
@@ -79,7 +81,6 @@ def train_detector(model: torch.nn.Module, dataset: Dataset, args: argparse.Name
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=("builtin", "synthetic"), default="builtin")
-    p.add_argument("--cache", default=None, help="built-in world cache directory")
     p.add_argument("--modalities", default="camera,lidar")
     p.add_argument("--lidar-encoder", choices=("pillars", "raster"), default="pillars")
     p.add_argument("--task", choices=("detection", "both"), default="detection")
@@ -92,9 +93,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
-    for name in ("train", "val", "steps", "batch_size"):
+    for name in ("train", "val", "batch_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.steps < 8:
+        p.error("--steps must be at least 8 (one-cycle schedule)")
 
     torch.manual_seed(args.seed)
     train_set, val_set = load_data(args)

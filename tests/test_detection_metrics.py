@@ -233,3 +233,5 @@ def test_ground_truth_extras_follow_nuscenes_point_counts() -> None:
     assert extras["num_points"].tolist() == [0, 3, 2]
     assert extras["velocity_known"].tolist() == [True, False, True]
     assert ground_truth_extras({}) == {}
+    world = ground_truth_extras({"lidar_points": torch.tensor([4, 0]), "radar_points": torch.tensor([1, 0])})
+    assert world["num_points"].tolist() == [5, 0]

@@ -270,11 +270,17 @@ def evaluate_detection(
     return ev.compute()
 
 
+# per-box point counts in a Sample's visibility dict: nuScenes' annotation fields, then the built-in world's
+_POINT_COUNT_KEYS: tuple[tuple[str, ...], ...] = (("num_lidar_pts", "num_radar_pts"), ("lidar_points", "radar_points"))
+
+
 def ground_truth_extras(visibility: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """nuScenes-style per-box extras from a Sample's ``visibility`` dict: ``num_points`` = ``num_lidar_pts`` +
-    ``num_radar_pts`` (whichever are present) and ``velocity_known``."""
+    """nuScenes-style per-box extras from a Sample's ``visibility`` dict: ``num_points`` = LiDAR + radar points
+    inside the box (nuScenes' ``num_lidar_pts`` / ``num_radar_pts``, or the world's ``lidar_points`` /
+    ``radar_points``, whichever are present) and ``velocity_known``."""
     out: dict[str, torch.Tensor] = {}
-    counts = [visibility[k] for k in ("num_lidar_pts", "num_radar_pts") if k in visibility]
+    keys = next((ks for ks in _POINT_COUNT_KEYS if any(k in visibility for k in ks)), ())
+    counts = [visibility[k] for k in keys if k in visibility]
     if counts:
         out["num_points"] = torch.stack([c.long() for c in counts]).sum(0)
     if "velocity_known" in visibility:
