@@ -1,0 +1,209 @@
+"""The built-in world as a ``torch.utils.data.Dataset``, generated once and cached on disk in shards.
+
+Interface::
+
+    from fusionlens.data.builtin import BuiltinWorld, default_cache_dir
+    ds = BuiltinWorld("train", size=1000, config=WorldConfig(), seed=0, cache_dir=None, shard_size=64,
+                      workers=None, progress=True)        # generates missing shards on construction
+    sample = ds[0]                                       # a fusionlens.data.sample.Sample
+    loader = ds.loader(batch_size=4, shuffle=True, num_workers=2)   # batches = the DESIGN.md batch dict
+    BuiltinWorld.collate                                 # = fusionlens.data.collate.collate_samples
+
+Sample ``i`` of a split is ``fusionlens.world.generate_sample(config, seed, split, i)`` whatever ``size`` is, so
+splits of different sizes share their shards. Layout: ``<cache>/world/<config-hash>-seed<seed>/manifest.json``
+and ``<split>/shard-<start>-<stop>.pt`` (images stored as uint8). Shards are written atomically, so an
+interrupted generation leaves only whole shards and the next run generates just the missing ones; a shard that
+cannot be read raises an error naming its file. The cache root is ``$FUSIONLENS_CACHE`` or
+``~/.cache/fusionlens``. Shards are memory-mapped on load, so DataLoader workers share pages instead of copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from fusionlens.data.collate import collate_samples
+from fusionlens.data.sample import Sample
+from fusionlens.io import atomic_torch_save, atomic_write_json
+from fusionlens.world.config import WorldConfig
+from fusionlens.world.generate import SPLITS, generate_sample
+
+FORMAT_VERSION = 1
+DEFAULT_SPLIT_SIZES: dict[str, int] = {"train": 1000, "val": 200, "test": 200}
+_TENSOR_FIELDS = ("intrinsics", "cam_to_ego", "radar", "lidar", "bev_seg", "bev_valid", "bev_center",
+                  "bev_offset", "boxes", "box_labels")
+
+
+def default_cache_dir() -> Path:
+    """``$FUSIONLENS_CACHE`` if set, else ``~/.cache/fusionlens``."""
+    env = os.environ.get("FUSIONLENS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fusionlens"
+
+
+def config_key(config: WorldConfig, seed: int) -> str:
+    """Directory name identifying a world: a hash of the config and the seed."""
+    blob = json.dumps({"format": FORMAT_VERSION, "config": config.to_dict()}, sort_keys=True, default=str)
+    return f"{hashlib.sha1(blob.encode()).hexdigest()[:12]}-seed{int(seed)}"
+
+
+def _pack(sample: Sample) -> dict[str, Any]:
+    out: dict[str, Any] = {k: getattr(sample, k) for k in _TENSOR_FIELDS}
+    imgs = sample.images
+    out["images"] = None if imgs is None else imgs.clamp(0, 1).mul(255).round().to(torch.uint8)
+    out["visibility"] = dict(sample.visibility)
+    out["meta"] = sample.meta
+    return out
+
+
+def _unpack(row: dict[str, Any], config: WorldConfig) -> Sample:
+    imgs = row["images"]
+    return Sample(images=None if imgs is None else imgs.float().div(255.0), visibility=dict(row["visibility"]),
+                  grid=config.grid, meta=dict(row["meta"]), **{k: row[k] for k in _TENSOR_FIELDS})
+
+
+def _write_shard(args: tuple[dict[str, Any], int, str, int, int, str]) -> int:
+    """Generate samples [start, stop) of a split and write them atomically (runs in worker processes)."""
+    cfg_dict, seed, split, start, stop, path = args
+    cfg = WorldConfig.from_dict(cfg_dict)
+    torch.set_num_threads(1)
+    rows = [_pack(generate_sample(cfg, seed, split, i)) for i in range(start, stop)]
+    atomic_torch_save(path, {"format": FORMAT_VERSION, "split": split, "seed": seed, "start": start,
+                             "stop": stop, "samples": rows})
+    return stop - start
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cache_dir {directory} is not writable ({exc.strerror or exc}); "
+                         "pass another cache_dir or set FUSIONLENS_CACHE") from exc
+
+
+class BuiltinWorld(Dataset):
+    """Split ``split`` (``train``/``val``/``test``) of the built-in world, ``size`` samples long."""
+
+    collate: Callable[..., dict[str, Any]] = staticmethod(collate_samples)
+
+    def __init__(self, split: str = "train", size: int | None = None, *, config: WorldConfig | None = None,
+                 seed: int = 0, cache_dir: str | os.PathLike[str] | None = None, shard_size: int = 64,
+                 generate: bool = True, workers: int | None = None, progress: bool = True) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        size = DEFAULT_SPLIT_SIZES[split] if size is None else size
+        if int(size) <= 0:
+            raise ValueError(f"size must be a positive number of samples, got {size}")
+        if int(shard_size) <= 0:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if workers is not None and int(workers) < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.split, self.size, self.seed, self.shard_size = split, int(size), int(seed), int(shard_size)
+        self.config = config if config is not None else WorldConfig()
+        base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self.root = base / "world" / config_key(self.config, self.seed)
+        self.split_dir = self.root / split
+        self._open: dict[int, list[dict[str, Any]]] = {}
+        if generate:
+            self.generate(workers=workers, progress=progress)
+
+    # -- shards ---------------------------------------------------------------------------------------------
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        return [(s, min(s + self.shard_size, self.size)) for s in range(0, self.size, self.shard_size)]
+
+    def shard_path(self, start: int, stop: int) -> Path:
+        return self.split_dir / f"shard-{start:06d}-{stop:06d}.pt"
+
+    def missing_shards(self) -> list[tuple[int, int]]:
+        return [r for r in self.shard_ranges() if not self.shard_path(*r).is_file()]
+
+    def generate(self, workers: int | None = None, progress: bool = True) -> int:
+        """Generate every missing shard (in ``workers`` processes; 0 = in this process). Returns samples made."""
+        missing = self.missing_shards()
+        if not missing:
+            return 0
+        _check_writable(self.split_dir)
+        self._write_manifest()
+        cfg = self.config.to_dict()
+        jobs = [(cfg, self.seed, self.split, a, b, str(self.shard_path(a, b))) for a, b in missing]
+        total = sum(b - a for a, b in missing)
+        n_workers = min(len(jobs), os.cpu_count() or 1, 4) if workers is None else min(int(workers), len(jobs))
+        bar = tqdm(total=total, desc=f"world {self.split}", unit="sample", disable=not progress)
+        try:
+            if n_workers <= 1:
+                for job in jobs:
+                    bar.update(_write_shard(job))
+            else:
+                with ProcessPoolExecutor(max_workers=n_workers) as pool:
+                    for done in pool.map(_write_shard, jobs):
+                        bar.update(done)
+        finally:
+            bar.close()
+        return total
+
+    def _write_manifest(self) -> None:
+        path = self.root / "manifest.json"
+        want = {"format": FORMAT_VERSION, "seed": self.seed, "config": self.config.to_dict()}
+        if path.is_file():
+            try:
+                have = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ValueError(f"corrupt cache manifest {path}: {exc}; delete {self.root} to regenerate") from exc
+            if json.loads(json.dumps(want, default=str)) != have:
+                raise ValueError(f"cache manifest {path} describes another world; delete {self.root}")
+            return
+        atomic_write_json(path, want)
+
+    def _load_shard(self, k: int) -> list[dict[str, Any]]:
+        if k not in self._open:
+            start, stop = self.shard_ranges()[k]
+            path = self.shard_path(start, stop)
+            if not path.is_file():
+                raise FileNotFoundError(f"cache shard {path} is missing; construct the dataset with generate=True")
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # any unpickling/zip error means the file is damaged
+                raise ValueError(f"corrupt cache shard {path}: {exc}; delete it to regenerate") from exc
+            if (not isinstance(data, dict) or data.get("format") != FORMAT_VERSION
+                    or (data.get("start"), data.get("stop")) != (start, stop)
+                    or len(data.get("samples", ())) != stop - start):
+                raise ValueError(f"corrupt cache shard {path}: unexpected contents; delete it to regenerate")
+            self._open[k] = data["samples"]
+        return self._open[k]
+
+    # -- Dataset --------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Sample:
+        if not -self.size <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.split} of size {self.size}")
+        index %= self.size
+        k = index // self.shard_size
+        return _unpack(self._load_shard(k)[index - k * self.shard_size], self.config)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_open"] = {}  # each DataLoader worker opens (memory-maps) shards itself
+        return state
+
+    def loader(self, batch_size: int = 4, shuffle: bool = False, num_workers: int = 0, seed: int = 0,
+               drop_last: bool = False) -> DataLoader:
+        """A DataLoader yielding the DESIGN.md batch dict (deterministic order for a given ``seed``)."""
+        g = torch.Generator().manual_seed(int(seed))
+        return DataLoader(self, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                          collate_fn=collate_samples, generator=g, drop_last=drop_last,
+                          persistent_workers=num_workers > 0)
