@@ -121,10 +121,10 @@ def decompose(
             return model(*additional_forward_args, **dict(zip(as_kwargs, values)), **forward_kwargs)
         return model(*values, *additional_forward_args, **forward_kwargs)
 
+    ruleset = None if rules == "naive" else resolve_rules(rules)
     with _evaluation(model):
-        if rules == "naive":
+        if ruleset is None:
             return _naive(call, modality_names, tensors, modality_mask)
-        ruleset = resolve_rules(rules)
         engine = Engine(modality_names, ruleset, bias, replay=coefficients, record=record_coefficients)
         streams = _wrap_inputs(engine, tensors, modality_mask, bias)
         captures: dict[str, list[dict[str, torch.Tensor]]] = {n: [] for n in wanted}

@@ -35,7 +35,8 @@ logsigmoid softsign tanhshrink hardshrink softshrink threshold clamp clip clamp_
 log2 log10 log1p sqrt rsqrt square pow __pow__ __rpow__ abs __abs__ reciprocal __rtruediv__ __rdiv__ sin cos erf
 erfc rrelu sinh cosh atan asinh
 """
-_CONSTANT_OPS = "softmax log_softmax _softmax floor ceil round trunc sign sgn heaviside"
+_CONSTANT_OPS = "softmax log_softmax _softmax floor ceil round trunc sign sgn heaviside new_zeros new_ones new_full " \
+                "new_empty new_tensor zeros_like ones_like full_like empty_like rand_like randn_like randint_like"
 _SELECT_OPS = "max min amax amin topk sort kthvalue median maximum minimum fmax fmin"
 _POOL_OPS = "max_pool1d max_pool2d max_pool3d _max_pool1d _max_pool2d _max_pool3d max_pool1d_with_indices " \
             "max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d " \
@@ -82,7 +83,9 @@ class LinearizationSettings:
     ``norm``: InstanceNorm/LayerNorm/GroupNorm mean rule (``ratio``: each component centred by its own mean).
     ``activation``: bias-splitting at activations (``identity``, ``sum`` C.1, ``ratio`` C.2).
     ``linearize_activations`` / ``linearize_norms``: switch linearization off for the ablation rows — each
-    component then passes through the original nonlinear layer alone and the sum is no longer conserved.
+    component then passes through the original nonlinear layer alone, so its outputs no longer sum to the layer's
+    output; a later linearized activation returns that mismatch to the bias component (its residual term), a
+    network without one ends unconserved.
     """
 
     batch_norm: str = "identity"

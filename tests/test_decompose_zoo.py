@@ -1,0 +1,154 @@
+"""LMD on a zoo of models: conservation (sum of components = output), JVP oracle, separation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decompose_zoo import (
+    EarlyFusionNet,
+    InstanceNormUNet,
+    PiecewiseLinearFusion,
+    PillarScatterFusion,
+    TokenFusionTransformer,
+    mobilenet_camera,
+    randomise_norm_stats,
+    resnet_camera,
+)
+from fusionlens import decompose
+from fusionlens.decompose import PRESETS
+
+FLOAT32_REL, FLOAT64_ABS = 1e-5, 1e-12
+
+
+def _camera_radar(batch: int = 2, size: int = 32, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"camera": torch.randn(batch, 3, size, size, generator=g, dtype=dtype),
+            "radar": torch.randn(batch, 5, generator=g, dtype=dtype)}
+
+
+@pytest.mark.parametrize("bias", ["local", "global"])
+@pytest.mark.parametrize("make", [lambda: resnet_camera(18), lambda: resnet_camera(50), mobilenet_camera],
+                         ids=["resnet18", "resnet50", "mobilenet_v3_small"])
+def test_torchvision_camera_branch_conserves(make, bias):
+    model = make()
+    inputs = _camera_radar(size=64 if bias == "global" else 32)
+    d = decompose(model, inputs, bias=bias)
+    assert torch.equal(d.output, model(**inputs))  # the total *is* the model's output
+    assert d.conservation_error().relative <= FLOAT32_REL
+    assert set(d.components) == {"camera", "radar", "bias"}
+
+
+def test_float64_conservation_resnet18():
+    model = resnet_camera(18).double()
+    d = decompose(model, _camera_radar(dtype=torch.float64), bias="global")
+    assert d.conservation_error().absolute <= FLOAT64_ABS
+
+
+@pytest.mark.parametrize("make", [PiecewiseLinearFusion, lambda: resnet_camera(18)], ids=["cnn", "resnet18"])
+def test_piecewise_linear_components_equal_jvp(make):
+    """For a locally linear network with every constant in the bias, component m = J_m x_m (torch.func.jvp)."""
+    model = randomise_norm_stats(make()).double().eval()
+    g = torch.Generator().manual_seed(3)
+    cam = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    rad = (torch.randn(2, 2, 16, 16, generator=g, dtype=torch.float64) if isinstance(model, PiecewiseLinearFusion)
+           else torch.randn(2, 5, generator=g, dtype=torch.float64))
+    d = decompose(model, {"camera": cam, "radar": rad}, bias="global")
+
+    def f(c, r):
+        return model(camera=c, radar=r)
+
+    _, j_cam = torch.func.jvp(f, (cam, rad), (cam, torch.zeros_like(rad)))
+    _, j_rad = torch.func.jvp(f, (cam, rad), (torch.zeros_like(cam), rad))
+    torch.testing.assert_close(d.components["camera"], j_cam, rtol=0, atol=1e-10)
+    torch.testing.assert_close(d.components["radar"], j_rad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(d.components["bias"], d.output - j_cam - j_rad, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "softmax"])
+def test_transformer_block(explicit):
+    model = TokenFusionTransformer().eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {"camera": torch.randn(2, 5, 6, generator=g), "radar": torch.randn(2, 3, 4, generator=g)}
+    d = decompose(model, inputs, forward_kwargs={"explicit": explicit})
+    assert torch.equal(d.output, model(**inputs, explicit=explicit))
+    assert d.conservation_error().relative <= FLOAT32_REL
+
+
+@pytest.mark.parametrize("rules", sorted(p for p in PRESETS if p not in ("activations-only", "norms-only")))
+def test_unet_dict_output_every_conserving_preset(rules):
+    model = InstanceNormUNet().eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {"camera": torch.randn(1, 3, 16, 16, generator=g), "radar": torch.randn(1, 2, 16, 16, generator=g)}
+    d = decompose(model, inputs, rules=rules)
+    assert set(d.output) == {"seg", "offset"} and set(d.components["radar"]) == {"seg", "offset"}
+    assert d.conservation_error().relative <= FLOAT32_REL
+
+
+def test_ablation_rows_differ_from_full_linearization():
+    """The ablation rows push each component through the original nonlinear layer; the mismatch that leaves is
+    re-absorbed by the bias at the next linearized activation (activations-only) or is simply lost (naive)."""
+    model = InstanceNormUNet().eval()
+    inputs = {"camera": torch.randn(1, 3, 16, 16), "radar": torch.randn(1, 2, 16, 16)}
+    full = decompose(model, inputs)
+    for rules in ("activations-only", "norms-only", "naive"):
+        d = decompose(model, inputs, rules=rules)
+        torch.testing.assert_close(d.output["seg"], model(**inputs)["seg"])
+        assert (d.components["camera"]["seg"] - full.components["camera"]["seg"]).abs().max() > 1e-3
+    assert decompose(model, inputs, rules="naive").conservation_error().relative > 1e-4
+
+
+def test_early_fusion_with_modality_mask():
+    model = EarlyFusionNet().eval()
+    x = torch.randn(2, 5, 8, 8)
+    mask = torch.tensor([0, 0, 0, 1, 1]).view(1, 5, 1, 1)
+    d = decompose(model, x, modality_mask=mask, names=["camera", "radar"])
+    assert d.names == ["camera", "radar", "bias"]
+    assert d.conservation_error().relative <= FLOAT32_REL
+    # the camera channels alone make the camera component: changing radar channels under frozen coefficients
+    frozen = decompose(model, x, modality_mask=mask, names=["camera", "radar"], record_coefficients=True)
+    x2 = x.clone()
+    x2[:, 3:] = torch.randn(2, 2, 8, 8)
+    moved = decompose(model, x2, modality_mask=mask, names=["camera", "radar"], coefficients=frozen.coefficients)
+    torch.testing.assert_close(moved.components["camera"], frozen.components["camera"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_radar", [False, True], ids=["camera-lidar", "three-modalities"])
+def test_pillar_scatter_and_three_modalities(with_radar):
+    model = PillarScatterFusion(with_radar=with_radar).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {"camera": torch.randn(2, 3, 8, 8, generator=g), "lidar": torch.rand(2, 30, 4, generator=g)}
+    if with_radar:
+        inputs["radar"] = torch.randn(2, 2, 8, 8, generator=g)
+    for bias in ("local", "global"):
+        d = decompose(model, inputs, bias=bias)
+        assert torch.equal(d.output, model(**inputs))
+        assert d.conservation_error().relative <= FLOAT32_REL
+        assert len(d.names) == len(inputs) + 1
+
+
+def test_separation_under_frozen_fusion_coefficients():
+    """Appendix D.2's property: with the coefficients fixed at the clean input, replacing the radar input leaves
+    the camera component unchanged, and the radar component moves."""
+    model = InstanceNormUNet().eval()
+    g = torch.Generator().manual_seed(0)
+    cam, rad, other = (torch.randn(1, c, 16, 16, generator=g) for c in (3, 2, 2))
+    clean = decompose(model, {"camera": cam, "radar": rad}, record_coefficients=True)
+    swapped = decompose(model, {"camera": cam, "radar": other}, coefficients=clean.coefficients)
+    torch.testing.assert_close(swapped.components["camera"]["seg"], clean.components["camera"]["seg"], rtol=0, atol=0)
+    assert (swapped.components["radar"]["seg"] - clean.components["radar"]["seg"]).abs().max() > 1e-3
+    recomputed = decompose(model, {"camera": cam, "radar": other})
+    assert recomputed.conservation_error().relative <= FLOAT32_REL
+
+
+def test_layer_capture_matches_output_of_module():
+    model = InstanceNormUNet().eval()
+    inputs = {"camera": torch.randn(1, 3, 16, 16), "radar": torch.randn(1, 2, 16, 16)}
+    d = decompose(model, inputs, layers=["down1", "up.0"])
+    captured = d.layer("down1")
+    total = sum(captured[n] for n in d.names)
+    torch.testing.assert_close(total, captured["total"], rtol=1e-5, atol=1e-5)
+    expected = model.down1(torch.cat([inputs["camera"], inputs["radar"]], 1))
+    torch.testing.assert_close(captured["total"], expected)
+    with pytest.raises(KeyError, match="not captured"):
+        d.layer("down2")
