@@ -29,14 +29,20 @@ from fusionlens.train.losses import simplebev_loss
 
 
 def load_data(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
-    """Both splits rendered once into memory (the world renders a sample in ~0.2 s; training revisits each)."""
-    from fusionlens.train.data import open_dataset
+    """Both splits, held in memory (training revisits every sample). The world is generated into its shard
+    cache (``$FUSIONLENS_CACHE``) in this process on first use."""
+    if args.data == "synthetic":
+        from fusionlens.train.synthetic import SyntheticDataset
 
-    out = []
-    for split, size in (("train", args.train), ("val", args.val)):
-        ds = open_dataset(args.data, split, size=size, seed=args.seed)
-        out.append([ds[i] for i in tqdm(range(len(ds)), desc=f"render {split}", disable=not args.progress)])
-    return out[0], out[1]
+        sets: list[Dataset] = [SyntheticDataset(args.train, seed=args.seed),
+                               SyntheticDataset(args.val, seed=args.seed + 1)]
+    else:
+        from fusionlens.data.builtin import BuiltinWorld
+
+        sets = [BuiltinWorld(split, size=size, seed=args.seed, workers=0, progress=args.progress)
+                for split, size in (("train", args.train), ("val", args.val))]
+    train, val = ([ds[i] for i in range(len(ds))] for ds in sets)  # type: ignore[arg-type]
+    return train, val
 
 
 def present_classes(dataset: Dataset, limit: int = 64) -> list[str]:
