@@ -12,27 +12,15 @@ DATA_KINDS: tuple[str, ...] = ("builtin", "synthetic", "nuscenes")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-class _WorldSamples(Dataset):
-    """The world's samples rendered on demand (used only when ``fusionlens.data.builtin`` is unavailable)."""
-
-    def __init__(self, split: str, size: int, seed: int) -> None:
-        from fusionlens.world.config import WorldConfig
-
-        self.cfg, self.split, self.size, self.seed = WorldConfig(), split, size, seed
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> Any:
-        from fusionlens.world.generate import generate_sample
-
-        if not 0 <= index < self.size:
-            raise IndexError(index)
-        return generate_sample(self.cfg, self.seed, self.split, index)
-
-
 def open_dataset(
-    kind: str, split: str, *, size: int | None = None, seed: int = 0, root: str | None = None, **options: Any
+    kind: str,
+    split: str,
+    *,
+    size: int | None = None,
+    seed: int = 0,
+    root: str | None = None,
+    progress: bool = True,
+    **options: Any,
 ) -> Dataset:
     """The ``split`` of dataset ``kind`` (``size`` samples where the source is generated)."""
     if kind not in DATA_KINDS:
@@ -51,8 +39,6 @@ def open_dataset(
         if root is None:
             raise ValueError("--data nuscenes needs --dataroot (the nuScenes folder)")
         return nus.NuScenesDataset(root, split=split, **options)
-    try:
-        builtin = importlib.import_module("fusionlens.data.builtin")
-    except ModuleNotFoundError:
-        return _WorldSamples(split, size or 64, seed)
-    return builtin.BuiltinDataset(split=split, size=size, seed=seed, **options)
+    from fusionlens.data.builtin import BuiltinWorld
+
+    return BuiltinWorld(split, size=size, seed=seed, progress=progress, **options)
