@@ -193,3 +193,17 @@ def test_missing_devkit_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "nuscenes.nuscenes", None)
     with pytest.raises(ImportError, match=r"pip install 'fusionlens\[nuscenes\]'"):
         nu.require_devkit()
+
+
+def test_jpeg_draft_decoding_agrees_with_full_decoding(tmp_path):
+    from fusionlens.data.nuscenes_fixture import write_nuscenes_fixture
+    from nuscenes_fixture import scenes
+
+    write_nuscenes_fixture(tmp_path, scenes()[:1], image_hw=(72, 128), textured_images=True)
+    fast, full = (NuScenesDataset(tmp_path, "v1.0-mini", "train", GRID, IMAGE_SIZE, modalities=("camera",),
+                                  jpeg_draft=draft)[0] for draft in (True, False))
+    assert torch.equal(fast.intrinsics, full.intrinsics)
+    assert fast.images.shape == full.images.shape == (6, 3, *IMAGE_SIZE)
+    # Both average the +-40-level noise away to the camera's colour; they differ only in the filter.
+    np.testing.assert_allclose(fast.images.mean((2, 3)), full.images.mean((2, 3)), atol=0.01)
+    assert (fast.images - full.images).abs().mean() < 0.03

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-#: The radar filter settings: "none" keeps every return (the metadata fields let the model judge them, as
-#: SimpleBEV's radar branch does); "default" applies the devkit's defaults (invalid_state 0, dyn_prop 0-6,
-#: ambig_state 3).
+#: The radar filter settings: "none" keeps every return (the metadata fields invalid_state, ambig_state and pdh0
+#: travel with each point, so a model can weigh them itself); "default" applies the devkit's defaults
+#: (keep invalid_state 0, dyn_prop 0-6, ambig_state 3 only).
 RADAR_FILTERS: tuple[str, ...] = ("none", "default")
 _VELOCITY_PAIRS = ((6, 7), (8, 9))  # (vx, vy) and (vx_comp, vy_comp) in the devkit's 18-row layout
 

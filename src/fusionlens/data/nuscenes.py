@@ -13,8 +13,10 @@ Frames and conventions:
 * Radar points: the 18 devkit fields with positions *and* both velocity pairs rotated into the reference ego
   frame, then ``time_lag`` = t_ref - t_sweep in seconds. LiDAR: ``(x, y, z, intensity, ring)`` (the ring is
   the 5th column of the ``.pcd.bin`` files, which the devkit's reader drops).
-* Cameras: the keyframe image of each channel resized to ``image_size``; the intrinsics follow the resize with
-  pixel centres at integer coordinates: ``f' = s f``, ``c' = s (c + 1/2) - 1/2``. ``cam_to_ego`` is the
+* Cameras: the keyframe image of each channel resized to ``image_size`` (with ``jpeg_draft``, decoded first at
+  the smallest 1/2^k DCT scale still at least that size, which averages pixel blocks; then bilinear). The
+  intrinsics follow the resize with pixel centres at integer coordinates: ``f' = s f``,
+  ``c' = s (c + 1/2) - 1/2`` (both steps are edge-aligned scalings, so this holds either way). ``cam_to_ego`` is the
   ``calibrated_sensor`` pose; with ``camera_ego_motion=True`` it also carries the ego motion between the
   camera's exposure and the reference time (up to ~40 ms in nuScenes).
 * Boxes: annotations whose devkit detection name is in ``CLASSES`` (``category_to_detection_name``), kept when
@@ -130,6 +132,7 @@ class NuScenesDataset(Dataset):
         radar_filters: str = "none",
         min_distance: float = 1.0,
         camera_ego_motion: bool = False,
+        jpeg_draft: bool = True,
         center_sigma: float = DEFAULT_CENTER_SIGMA_M,
         verify_files: bool = False,
     ) -> None:
@@ -158,6 +161,7 @@ class NuScenesDataset(Dataset):
         self.modalities, self.cameras, self.radars = tuple(modalities), tuple(cameras), tuple(radars)
         self.radar_filters, self.min_distance = radar_filters, float(min_distance)
         self.camera_ego_motion, self.center_sigma = bool(camera_ego_motion), float(center_sigma)
+        self.jpeg_draft = bool(jpeg_draft)
 
         self.nusc = load_nuscenes(str(check_dataroot(dataroot, version)), version)
         scenes = split_scenes(self.nusc, version, split)
@@ -273,6 +277,8 @@ class NuScenesDataset(Dataset):
             with Image.open(path) as img:
                 src_w, src_h = img.size
                 if "camera" in self.modalities:
+                    if self.jpeg_draft:  # decode at the smallest 1/2^k scale >= (w, h): ~4x faster for 224x400
+                        img.draft("RGB", (w, h))
                     arr = np.asarray(img.convert("RGB").resize((w, h), Image.Resampling.BILINEAR))
                     images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0)
             k = np.asarray(cs["camera_intrinsic"], dtype=np.float64)
