@@ -72,7 +72,10 @@ def test_boxes_in_ego_frame_with_classes_velocity_and_visibility(data):
     assert s.visibility["num_lidar_pts"].tolist() == [7, 7, 7]
     assert s.visibility["num_radar_pts"].tolist() == [3, 3, 3]
     assert s.visibility["velocity_known"].all()
+    assert s.visibility["visible"].tolist() == [True, False, True]
+    assert s.visibility["camera_frac"].tolist() == pytest.approx([0.9, 0.2, 0.7])
     assert len(s.meta["annotation_tokens"]) == 3
+    np.testing.assert_allclose(s.meta["ego_to_global"].numpy(), man.ego_pose(scene, 0.5 * KEYFRAME), atol=1e-6)
 
 
 def test_cameras_resized_with_intrinsics_and_extrinsics(data):
@@ -115,13 +118,14 @@ def test_meta_conditions_and_splits(data):
     assert len(ds) == 3 and ds.sample_tokens == man.sample_tokens["scene-0061"]
     s = ds[0]
     assert s.meta["scene_name"] == "scene-0061" and s.meta["sample_token"] == ds.sample_tokens[0]
-    assert s.meta["conditions"] == {"time_of_day": "day", "rain": False}
+    assert s.meta["conditions"] == {"time_of_day": "day", "rain": 0.0} and s.meta["tags"] == ["day"]
     assert set(s.meta["sample_data_tokens"]) >= set(CAMERA_NAMES) | {"LIDAR_TOP"}
     val = NuScenesDataset(man.root, "v1.0-mini", "val", GRID, IMAGE_SIZE)
     assert val.sample_tokens == man.sample_tokens["scene-0103"]
-    assert val[0].meta["conditions"] == {"time_of_day": "night", "rain": True}
+    assert val[0].meta["conditions"] == {"time_of_day": "night", "rain": 1.0}
+    assert val[0].meta["tags"] == ["night", "rain"]
     assert NuScenesDataset(man.root, "v1.0-mini", "mini_val", GRID, IMAGE_SIZE).sample_tokens == val.sample_tokens
-    assert nu.scene_conditions("Train station, drain works, nighttime") == {"time_of_day": "night", "rain": False}
+    assert nu.scene_conditions("Train station, drain works, nighttime") == {"time_of_day": "night", "rain": 0.0}
 
 
 def test_batches_like_the_builtin_world_and_is_deterministic(data):

@@ -105,12 +105,22 @@ def split_scenes(nusc: Any, version: str, split: str) -> list[str]:
     return [s for s in wanted if s in present]
 
 
+#: Midpoints of nuScenes' visibility bins (fraction of the object visible over the six cameras) by token.
+VISIBILITY_FRACTION: dict[int, float] = {1: 0.2, 2: 0.5, 3: 0.7, 4: 0.9}
+
+
 def scene_conditions(description: str) -> dict[str, Any]:
-    """Conditions from a scene description (nuScenes tags night and rain scenes there): ``time_of_day``,
-    ``rain``. Word starts only, so that "train" or "drain" is not rain."""
+    """Conditions from a scene description, where nuScenes notes night and rain, in the built-in world's
+    ``meta["conditions"]`` types: ``time_of_day`` ("day"/"night"), ``rain`` (intensity; 1.0 when noted, as the
+    description gives none). Word starts only, so that "train" or "drain" is not rain."""
     text = description.lower()
     return {"time_of_day": "night" if re.search(r"\bnight", text) else "day",
-            "rain": bool(re.search(r"\brain", text))}
+            "rain": 1.0 if re.search(r"\brain", text) else 0.0}
+
+
+def condition_tags(conditions: dict[str, Any]) -> list[str]:
+    """Active condition names, time of day first (the world's ``meta["tags"]``)."""
+    return [conditions["time_of_day"]] + ["rain"] * (conditions["rain"] > 0)
 
 
 class NuScenesDataset(Dataset):
@@ -236,20 +246,24 @@ class NuScenesDataset(Dataset):
                 ref["timestamp"], min_distance=self.min_distance))
 
         boxes, labels, visibility, ann_tokens = self._boxes(sample, ref)
-        invalid = (visibility["visibility_token"] == 1) & vehicle_mask(labels)
+        invalid = ~visibility["visible"] & vehicle_mask(labels)
         maps = boxes_to_bev(boxes, labels, self.grid, invalid=invalid, center_sigma=self.center_sigma)
         (x0, x1), (y0, y1), _ = self.grid.bounds
         keep = (boxes[:, 0] >= x0) & (boxes[:, 0] < x1) & (boxes[:, 1] >= y0) & (boxes[:, 1] < y1)
         visibility = {k: v[keep] for k, v in visibility.items()}
         scene = self.nusc.get("scene", sample["scene_token"])
         log = self.nusc.get("log", scene["log_token"])
+        conditions = scene_conditions(scene["description"])
         meta = {
             "source": "nuscenes", "version": self.version, "split": self.split, "index": index,
             "sample_token": sample["token"], "scene_token": scene["token"], "scene_name": scene["name"],
             "description": scene["description"], "location": log["location"],
             "timestamp": sample["timestamp"],
-            "sample_data_tokens": dict(sample["data"]), "conditions": scene_conditions(scene["description"]),
+            "sample_data_tokens": dict(sample["data"]), "conditions": conditions,
+            "tags": condition_tags(conditions), "camera_names": list(self.cameras),
             "annotation_tokens": [t for t, k in zip(ann_tokens, keep.tolist()) if k],
+            # Global-from-ego of the reference frame, to turn predictions into nuScenes (global) boxes.
+            "ego_to_global": torch.from_numpy(np.linalg.inv(ref_from_global)),
         }
         return Sample(images=images, intrinsics=intrinsics, cam_to_ego=cam_to_ego, radar=radar, lidar=lidar,
                       bev_seg=maps["seg"], bev_valid=maps["valid"], bev_center=maps["center"],
@@ -322,6 +336,10 @@ class NuScenesDataset(Dataset):
             "num_lidar_pts": torch.tensor(lidar_n, dtype=torch.long),
             "num_radar_pts": torch.tensor(radar_n, dtype=torch.long),
             "velocity_known": torch.tensor(vel_ok, dtype=torch.bool),
+            # The built-in world's keys: an approximate visible fraction, and whether the label counts (SimpleBEV
+            # drops token 1).
+            "camera_frac": torch.tensor([VISIBILITY_FRACTION.get(v, 0.0) for v in vis], dtype=torch.float32),
+            "visible": torch.tensor([v != 1 for v in vis], dtype=torch.bool),
         }
         boxes = torch.tensor(rows, dtype=torch.float32).reshape(-1, 9)
         return boxes, torch.tensor(labels, dtype=torch.long), visibility, tokens
