@@ -11,24 +11,28 @@ once (for DeCI/SNIP-type scores the Taylor terms add). Each group then loses the
 of lowest score (at least one channel is always kept), so every layer keeps its share of width.
 
 Concatenation: Torch-Pruning has open index-mapping bugs around ``torch.cat`` (issues #481, #146). Version
-1.6.1 maps a two-modality concat correctly, also when both branches are pruned one after the other (tested
-against an exact oracle in tests/test_prune_structured.py). The one guard lives in :func:`_prune_groups`:
-after every group the concat offsets are re-read from a freshly traced graph, so a stale offset can never
-pick the wrong input columns of the fusion conv.
+1.6.1 maps a plain two-branch concat correctly, but on the reference models (camera features lifted to BEV
+through reshapes before the concat) the concat node gets no offsets and its groups run past the layers'
+widths. Every group that reaches a concatenation is therefore handled in one place,
+:func:`_prune_across_concat`: Torch-Pruning on the producer's own branch (a graph without the concat), plus
+the fusion conv's input channels found by probing (:func:`concat_mapping`). Tested against an exact oracle
+in tests/test_prune_structured.py. A concatenation *inside* one branch (the camera encoder's merge of
+ResNet layer2 and layer3) is left unpruned and listed in the report: its producers also feed other layers,
+which the isolated-branch workaround cannot see.
 """
 
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch_pruning import ops
+from tqdm import tqdm
 
 from fusionlens.prune.params import call_model, check_sparsity, output_tensors
 
@@ -86,41 +90,185 @@ def channel_scores(
     return total
 
 
+def _is_concat(node: Any) -> bool:
+    return getattr(node, "type", None) == ops.OPTYPE.CONCAT
+
+
+def _boundary_consumer(group: Any, names: Mapping[nn.Module, str]) -> str | None:
+    """The Conv/Linear that reads a concatenation this group reaches (the fusion conv), if any."""
+    for dep, _ in group:
+        if _is_concat(dep.source) and isinstance(dep.target.module, ROOT_TYPES):
+            return names[dep.target.module]
+    return None
+
+
+def _branch(model: nn.Module, name: str) -> str:
+    """The outermost callable (non-container) module holding ``name``: its modality branch, e.g.
+    ``encoders.radar`` for ``encoders.radar.convs.0``."""
+    parts = name.split(".")
+    for depth in range(1, len(parts)):
+        prefix = ".".join(parts[:depth])
+        if not isinstance(model.get_submodule(prefix), (nn.ModuleDict, nn.ModuleList)):
+            return prefix
+    return name
+
+
+def concat_mapping(model: nn.Module, producer: str, consumer: str, example_inputs: Any) -> list[list[int]]:
+    """Which input channels of ``consumer`` each output channel of ``producer`` feeds, found by probing:
+    channel ``j`` is shifted by +1 and the consumer's input channels that move are recorded. Exact for any
+    wiring in between (concatenation offsets, a camera lift spreading a latent channel over Z height bins)
+    and independent of Torch-Pruning's concat bookkeeping. Costs one forward pass per channel."""
+    prod, cons = model.get_submodule(producer), model.get_submodule(consumer)
+    captured: list[torch.Tensor] = []
+    shift: list[int] = []
+    out_dim = -1 if isinstance(prod, nn.Linear) else 1
+    in_dim = -1 if isinstance(cons, nn.Linear) else 1
+
+    def on_output(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
+        if not shift:
+            return out
+        out = out.clone()
+        out.select(out_dim, shift[0]).add_(1.0)
+        return out
+
+    hooks = [
+        prod.register_forward_hook(on_output),
+        cons.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach())),
+    ]
+    mapping = []
+    try:
+        with torch.no_grad():
+            call_model(model, example_inputs)
+            base = captured.pop()
+            n_out = prod.out_features if isinstance(prod, nn.Linear) else prod.out_channels
+            for j in range(n_out):
+                shift[:] = [j]
+                call_model(model, example_inputs)
+                moved = (captured.pop() - base).abs().movedim(in_dim, 0).reshape(base.shape[in_dim], -1)
+                mapping.append([int(i) for i in torch.nonzero(moved.amax(1) > 1e-6).flatten()])
+    finally:
+        for h in hooks:
+            h.remove()
+    return mapping
+
+
+def _n_remove(module: nn.Module, ratio: float) -> int:
+    n = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    return min(int(ratio * n), n - 1)
+
+
+def _out_handler(module: nn.Module) -> Any:
+    return tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+
+
+@dataclass
+class PlanEntry:
+    """Remove output channels ``idxs`` of layer ``module``; for a producer feeding a concatenation,
+    ``consumer`` is the layer after it and ``columns`` its input channels fed by ``idxs`` (numbered as
+    before any pruning)."""
+
+    module: str
+    handler: Any
+    idxs: list[int]
+    consumer: str | None = None
+    columns: list[int] = field(default_factory=list)
+
+
 def plan_channels(
     model: nn.Module,
     scores: Mapping[str, torch.Tensor],
     ratio: float,
     example_inputs: Any,
     ignored_layers: Sequence[nn.Module] = (),
-) -> list[tuple[str, Any, list[int]]]:
-    """``[(root module name, pruning function, channel indices to remove)]`` for every prunable group."""
+) -> tuple[list[PlanEntry], list[str]]:
+    """The channels to remove per group, and the layers left whole (intra-branch concatenations).
+
+    A group that reaches a cross-modality concatenation is split into one entry per producer layer
+    (Torch-Pruning may have merged several modalities' producers into one corrupted group there); a
+    producer's channel score is its output slice plus the consumer columns it feeds (:func:`concat_mapping`)."""
     ratio = check_sparsity(ratio, "channel ratio")
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     names = {m: n for n, m in model.named_modules()}
     ignored = list(ignored_layers) + output_layers(model, example_inputs)
-    plan = []
+    plan: list[PlanEntry] = []
+    left: list[str] = []
+    planned: set[str] = set()
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
-        root_dep, root_idxs = group[0]
-        n_channels = len(root_idxs)
-        n_remove = min(int(ratio * n_channels), n_channels - 1)
-        if n_remove <= 0:
+        consumer = _boundary_consumer(group, names)
+        root = group[0][0].target.module
+        if consumer is None:
+            n_remove = _n_remove(root, ratio)
+            if n_remove > 0:
+                order = torch.sort(channel_scores(group, scores, names), stable=True).indices[:n_remove]
+                plan.append(PlanEntry(names[root], group[0][0].handler, sorted(int(i) for i in order)))
             continue
-        score = channel_scores(group, scores, names)
-        order = torch.sort(score, stable=True).indices[:n_remove]
-        plan.append((names[root_dep.target.module], root_dep.handler, sorted(int(i) for i in order)))
-    return plan
+        producers = [
+            dep.target.module
+            for dep, _ in group
+            if isinstance(dep.target.module, ROOT_TYPES)
+            and "out_channels" in getattr(dep.handler, "__name__", "")
+            and names[dep.target.module] != consumer
+            and all(dep.target.module is not m for m in ignored)
+        ]
+        cons = model.get_submodule(consumer)
+        for prod in producers:
+            name = names[prod]
+            if name in planned or _n_remove(prod, ratio) <= 0 or f"{name}.weight" not in scores:
+                continue
+            planned.add(name)
+            if consumer.startswith(_branch(model, name) + "."):
+                left.append(name)
+                continue
+            mapping = concat_mapping(model, name, consumer, example_inputs)
+            score = _slice_scores(scores[f"{name}.weight"].double(), prod, _out_handler(prod))
+            if f"{consumer}.weight" in scores:
+                cols = _slice_scores(scores[f"{consumer}.weight"].double(), cons, tp.prune_conv_in_channels)
+                score = score + torch.stack([cols[m].sum() if m else cols.new_zeros(()) for m in mapping])
+            idxs = sorted(int(i) for i in torch.sort(score, stable=True).indices[: _n_remove(prod, ratio)])
+            plan.append(
+                PlanEntry(name, _out_handler(prod), idxs, consumer, sorted({c for j in idxs for c in mapping[j]}))
+            )
+    return plan, left
 
 
-def _prune_groups(model: nn.Module, plan: Sequence[tuple[str, Any, list[int]]], example_inputs: Any) -> None:
-    for module_name, handler, idxs in plan:
-        # Workaround for Torch-Pruning's concat offset bugs (#481, #146): trace afresh before each group so
-        # the _ConcatOp offsets reflect the current (already partly pruned) widths.
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-        module = model.get_submodule(module_name)
-        group = graph.get_pruning_group(module, handler, idxs=idxs)
-        if not graph.check_pruning_group(group):
-            raise RuntimeError(f"Torch-Pruning refuses to prune {module_name} (would empty a layer)")
-        group.prune()
+def _branch_inputs(model: nn.Module, branch: str, example_inputs: Any) -> tuple[tuple, dict]:
+    seen: list[tuple[tuple, dict]] = []
+    hook = model.get_submodule(branch).register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args, kwargs)) if not seen else None, with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            call_model(model, example_inputs)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def _prune_across_concat(model: nn.Module, entry: PlanEntry, columns: list[int], example_inputs: Any) -> None:
+    """The one workaround for Torch-Pruning's concat bugs (#481, #146). On the reference models the
+    ``_ConcatOp`` before the fusion conv gets no offsets (``None``) once a branch passes through reshapes (the
+    camera lift), and the groups through it merge both modalities with indices far past the layers' widths.
+    So the producer is pruned on a graph of its own branch only (no concatenation in it), and the consumer's
+    input ``columns`` (current numbering) are removed directly."""
+    branch = _branch(model, entry.module)
+    args, kwargs = _branch_inputs(model, branch, example_inputs)
+    sub = model.get_submodule(branch)
+    graph = tp.DependencyGraph().build_dependency(
+        sub, example_inputs=(args, kwargs), forward_fn=lambda m, x: m(*x[0], **x[1])
+    )
+    group = graph.get_pruning_group(sub.get_submodule(entry.module[len(branch) + 1 :]), entry.handler, idxs=entry.idxs)
+    if not graph.check_pruning_group(group):
+        raise RuntimeError(f"Torch-Pruning refuses to prune {entry.module} (would empty a layer)")
+    group.prune()
+    cons = model.get_submodule(entry.consumer)  # type: ignore[arg-type]
+    if columns:
+        prune_in = tp.prune_linear_in_channels if isinstance(cons, nn.Linear) else tp.prune_conv_in_channels
+        prune_in(cons, columns)
+
+
+def _output_shapes(model: nn.Module, example_inputs: Any) -> list[torch.Size]:
+    with torch.no_grad():
+        return [t.shape for t in output_tensors(call_model(model, example_inputs))]
 
 
 def structured_prune(
@@ -129,55 +277,32 @@ def structured_prune(
     ratio: float,
     example_inputs: Any,
     ignored_layers: Sequence[nn.Module] = (),
-    inplace: bool = False,
+    report: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """Remove ``ratio`` of the channels of every prunable group (by aggregated ``scores``) from ``model``.
+    """A copy of ``model`` with ``ratio`` of the output channels of every prunable group removed (lowest
+    aggregated ``scores`` first). ``example_inputs``: a tensor, a tuple, or a dict of keyword inputs.
 
-    ``example_inputs``: a tensor, a tuple, or a dict of keyword inputs (multi-modal models). Output shapes are
-    preserved (output layers are never pruned) and checked."""
-    target = model if inplace else copy.deepcopy(model)
-    target.eval()
-    with torch.no_grad():
-        before = [t.shape for t in output_tensors(call_model(target, example_inputs))]
-    plan = plan_channels(target, scores, ratio, example_inputs, ignored_layers)
-    _prune_groups(target, plan, example_inputs)
-    with torch.no_grad():
-        after = [t.shape for t in output_tensors(call_model(target, example_inputs))]
-    if before != after:
-        raise RuntimeError(f"structured pruning changed the output shapes {before} -> {after}")
+    Output layers are never pruned and the output shapes are checked. ``report`` (if given) receives the
+    number of pruned groups and the layers left whole."""
+    target = copy.deepcopy(model).eval()
+    shapes = _output_shapes(target, example_inputs)
+    plan, left = plan_channels(target, scores, ratio, example_inputs, ignored_layers)
+    graph = tp.DependencyGraph().build_dependency(target, example_inputs=example_inputs)
+    for entry in tqdm([e for e in plan if e.consumer is None], desc="remove channels", leave=False):
+        group = graph.get_pruning_group(target.get_submodule(entry.module), entry.handler, idxs=entry.idxs)
+        if not graph.check_pruning_group(group):
+            raise RuntimeError(f"Torch-Pruning refuses to prune {entry.module} (would empty a layer)")
+        group.prune()
+    kept: dict[str, list[int]] = {}  # consumer -> its remaining input channels, in pre-pruning numbering
+    for entry in [e for e in plan if e.consumer is not None]:
+        cons = target.get_submodule(entry.consumer)  # type: ignore[arg-type]
+        width = cons.in_features if isinstance(cons, nn.Linear) else cons.in_channels
+        current = kept.setdefault(entry.consumer, list(range(width)))  # type: ignore[arg-type]
+        _prune_across_concat(target, entry, [current.index(c) for c in entry.columns], example_inputs)
+        kept[entry.consumer] = [c for c in current if c not in set(entry.columns)]  # type: ignore[index]
+    after = _output_shapes(target, example_inputs)
+    if after != shapes:
+        raise RuntimeError(f"structured pruning changed the output shapes {shapes} -> {after}")
+    if report is not None:
+        report.update(groups=len(plan), left_whole=left)
     return target
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_flops(model: nn.Module, example_inputs: Any) -> int:
-    """Forward FLOPs (``torch.utils.flop_counter``; a multiply-add counts 2)."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        call_model(model, example_inputs)
-    return int(counter.get_total_flops())
-
-
-def cpu_latency(model: nn.Module, example_inputs: Any, repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall-clock seconds of one forward pass (no grad, eval mode) on the current thread setting."""
-    model.eval()
-    times = []
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            call_model(model, example_inputs)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def cost_report(model: nn.Module, example_inputs: Any, repeats: int = 10) -> dict[str, float]:
-    """Parameters, GFLOPs and median CPU latency (ms) of ``model`` on ``example_inputs``."""
-    return {
-        "params": count_parameters(model),
-        "gflops": count_flops(model, example_inputs) / 1e9,
-        "latency_ms": 1e3 * cpu_latency(model, example_inputs, repeats),
-        "threads": torch.get_num_threads(),
-    }
