@@ -211,3 +211,17 @@ def test_jpeg_draft_decoding_agrees_with_full_decoding(tmp_path):
     # Both average the +-40-level noise away to the camera's colour; they differ only in the filter.
     np.testing.assert_allclose(fast.images.mean((2, 3)), full.images.mean((2, 3)), atol=0.01)
     assert (fast.images - full.images).abs().mean() < 0.03
+
+
+def test_radar_only_download_needs_no_images_or_lidar_files(tmp_path):
+    man = write_test_dataset(tmp_path)
+    for folder in ("samples", "sweeps"):
+        for channel in (*CAMERA_NAMES, "LIDAR_TOP"):
+            shutil.rmtree(tmp_path / folder / channel)
+    s = NuScenesDataset(tmp_path, "v1.0-mini", "train", GRID, IMAGE_SIZE, modalities=("radar",), verify_files=True)[1]
+    assert s.images is None and s.lidar is None and s.radar.shape[0] > 0
+    # The calibration comes from the tables (sample_data width/height), the same as with the images present.
+    k0, sx = man.intrinsic, IMAGE_SIZE[1] / man.image_hw[1]
+    assert s.intrinsics[0, 0, 0].item() == pytest.approx(k0[0, 0] * sx)
+    with pytest.raises(FileNotFoundError, match="cameras of sample .* CAM_FRONT file"):
+        NuScenesDataset(tmp_path, "v1.0-mini", "train", GRID, IMAGE_SIZE, modalities=("camera",))

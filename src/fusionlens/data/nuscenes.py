@@ -209,8 +209,7 @@ class NuScenesDataset(Dataset):
         """The sample_data records each enabled modality reads, keyed by a description for error messages."""
         out: dict[str, list[dict]] = {}
         get = functools.partial(self.nusc.get, "sample_data")
-        out[f"reference {_REFERENCE_CHANNEL} of sample {sample['token']}"] = [
-            get(self._channel(sample, _REFERENCE_CHANNEL))]
+        self._channel(sample, _REFERENCE_CHANNEL)  # its pose is the reference; its file is read only for LiDAR
         if "camera" in self.modalities:
             out[f"cameras of sample {sample['token']}"] = [get(self._channel(sample, c))
                                                            for c in self.cameras]
@@ -287,14 +286,17 @@ class NuScenesDataset(Dataset):
             if self.camera_ego_motion:
                 global_from_ego = pts.pose_matrix(self.nusc.get("ego_pose", rec["ego_pose_token"]))
                 pose = ref_from_global @ global_from_ego @ pose
-            path = os.path.join(self.nusc.dataroot, rec["filename"])
-            with Image.open(path) as img:
-                src_w, src_h = img.size
-                if "camera" in self.modalities:
-                    if self.jpeg_draft:  # decode at the smallest 1/2^k scale >= (w, h): ~4x faster for 224x400
-                        img.draft("RGB", (w, h))
-                    arr = np.asarray(img.convert("RGB").resize((w, h), Image.Resampling.BILINEAR))
-                    images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0)
+            # Without the camera modality the calibration still needs the original size: the table has it, so
+            # a download without camera images works.
+            src_w, src_h = int(rec.get("width") or 0), int(rec.get("height") or 0)
+            if "camera" in self.modalities or not (src_w and src_h):
+                with Image.open(os.path.join(self.nusc.dataroot, rec["filename"])) as img:
+                    src_w, src_h = img.size  # the file is the truth if the table disagrees
+                    if "camera" in self.modalities:
+                        if self.jpeg_draft:  # decode at the smallest 1/2^k scale >= (w, h): much less work
+                            img.draft("RGB", (w, h))
+                        arr = np.asarray(img.convert("RGB").resize((w, h), Image.Resampling.BILINEAR))
+                        images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0)
             k = np.asarray(cs["camera_intrinsic"], dtype=np.float64)
             scale = np.array([w / src_w, h / src_h])
             k[:2, :2] *= scale[:, None]
