@@ -76,22 +76,30 @@ class Engine:
         self.replay = replay
         self._cursor = 0
         self.num_components = len(self.names)
-        self.sink = self.num_components - 1  # constants entering mixed tensors go to the bias component
+        self.num_modalities = len(names)  # stored slices; constants go to the implicit bias component
         self.rules = rules
         self.local_bias = bias == "local"
         self.module_path: list[str] = []
 
     # -- helpers for rules -------------------------------------------------------------------------------------
     def parts(self, x: Any) -> torch.Tensor | None:
-        """``(K, *shape)`` components of a stream; ``None`` for a constant."""
-        return x.fl_parts(self.num_components) if isinstance(x, Stream) else None
+        """``(M, *shape)`` modality components of a stream; ``None`` for a constant."""
+        return x.fl_parts(self.num_modalities) if isinstance(x, Stream) else None
+
+    def components(self, x: Any) -> torch.Tensor:
+        """All ``(M + 1, *shape)`` components (bias last) of a stream or a constant."""
+        if isinstance(x, Stream):
+            return x.fl_components(self.num_modalities)
+        out = torch.zeros((self.num_components, *x.shape), dtype=x.dtype, device=x.device)
+        out[-1] = x
+        return out
 
     def per_component(self, func: Callable, args: tuple, kwargs: dict) -> list[Any]:
-        """``func`` evaluated once per component, each stream replaced by that component's slice."""
+        """``func`` evaluated once per modality, each stream replaced by that modality's slice."""
         results = []
-        for k in range(self.num_components):
+        for k in range(self.num_modalities):
             def slice_k(s: Stream, k: int = k) -> torch.Tensor:
-                return s.fl_parts(self.num_components)[k]
+                return s.fl_parts(self.num_modalities)[k]
             a, kw = _replace((args, kwargs), slice_k)
             results.append(_call_plain(func, a, kw))
         return results

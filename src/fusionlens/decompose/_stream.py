@@ -6,8 +6,10 @@ Two representations, chosen to keep the cost of a decomposition close to one for
 * **single** (``owner`` set, no parts): the whole tensor belongs to one component. Inside a single-modality
   branch with ``bias="local"`` (the paper's eq. 20: the decomposition starts at the fusion layer) every op keeps
   it single, so a camera backbone costs exactly what it costs without fusionlens, and needs no rules.
-* **multi** (``parts`` of shape ``(K, *shape)``): one slice per modality and a last slice for the bias; the
-  slices sum to the data up to float rounding.
+* **multi** (``parts`` of shape ``(M, *shape)``): one slice per modality. The bias component is carried
+  implicitly as ``data - parts.sum(0)``: every rule conserves the sum layer by layer (Prop. 1–3), so the bias
+  that would be propagated explicitly equals that difference — and keeping it implicit saves one of the
+  ``M + 2`` streams (total, modalities, bias) in every layer after the fusion.
 
 A :class:`Stream` outside an active decomposition behaves as a plain tensor.
 """
@@ -46,14 +48,19 @@ class Stream(torch.Tensor):
     def fl_total(self) -> torch.Tensor:
         return _plain(self)
 
-    def fl_parts(self, num_components: int) -> torch.Tensor:
-        """Components as a ``(K, *shape)`` tensor, materialising the single representation if needed."""
+    def fl_parts(self, num_modalities: int) -> torch.Tensor:
+        """Modality components as a ``(M, *shape)`` tensor, materialising the single representation if needed."""
         if self._fl_parts is not None:
             return self._fl_parts
         total = _plain(self)
-        parts = total.new_zeros((num_components, *total.shape))
+        parts = total.new_zeros((num_modalities, *total.shape))
         parts[self._fl_owner] = total
         return parts
+
+    def fl_components(self, num_modalities: int) -> torch.Tensor:
+        """All ``M + 1`` components, the bias last (``total - sum of modalities``)."""
+        parts = self.fl_parts(num_modalities)
+        return torch.cat([parts, (_plain(self) - parts.sum(0)).unsqueeze(0)])
 
     @classmethod
     def __torch_function__(cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:

@@ -195,11 +195,10 @@ def _normalise_inputs(model: nn.Module, inputs: Any, names: Sequence[str] | None
 
 
 def _wrap_inputs(engine: Engine, tensors: list[torch.Tensor], mask: torch.Tensor | None, bias: str) -> list[Stream]:
-    k = engine.num_components
+    k = engine.num_modalities
     if mask is not None:
         x = tensors[0]
-        parts = torch.stack([x * (mask == m) for m in range(k - 1)] + [torch.zeros_like(x)])
-        return [Stream.multi(x, parts)]
+        return [Stream.multi(x, torch.stack([x * (mask == m) for m in range(k)]))]
     if bias == "local":
         return [Stream.single(t, i) for i, t in enumerate(tensors)]
     streams = []
@@ -231,32 +230,20 @@ def _capture(engine: Engine, output: Any) -> dict[str, torch.Tensor]:
     leaf = next((x for x in tree_flatten(output)[0] if isinstance(x, torch.Tensor)), None)
     if leaf is None:
         return {}
-    parts = _components_of(engine, leaf)
+    parts = engine.components(leaf)
     captured = {n: parts[i].detach().clone() for i, n in enumerate(engine.names)}
     captured["total"] = (leaf.fl_total() if isinstance(leaf, Stream) else leaf).detach().clone()
     return captured
 
 
-def _components_of(engine: Engine, leaf: torch.Tensor) -> torch.Tensor:
-    if isinstance(leaf, Stream):
-        return leaf.fl_parts(engine.num_components)
-    parts = torch.zeros((engine.num_components, *leaf.shape), dtype=leaf.dtype, device=leaf.device)
-    parts[engine.sink] = leaf
-    return parts
-
-
 def _split_output(engine: Engine, out: Any) -> tuple[Any, dict[str, Any]]:
     leaves, spec = tree_flatten(out)
     total = tree_unflatten([x.fl_total() if isinstance(x, Stream) else x for x in leaves], spec)
-    components = {}
-    for i, name in enumerate(engine.names):
-        comp = []
-        for x in leaves:
-            if isinstance(x, torch.Tensor) and x.is_floating_point():
-                comp.append(_components_of(engine, x)[i])
-            else:
-                comp.append(x)
-        components[name] = tree_unflatten(comp, spec)
+    split = [engine.components(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None for x in leaves]
+    components = {
+        name: tree_unflatten([x if parts is None else parts[i] for x, parts in zip(leaves, split)], spec)
+        for i, name in enumerate(engine.names)
+    }
     return total, components
 
 

@@ -1,10 +1,12 @@
 """Linearization rules: how one op splits its decomposed inputs into decomposed outputs.
 
 Every rule has the signature ``rule(engine, func, args, kwargs, total) -> parts`` where ``total`` is the op's
-ordinary output at the operating point (already computed with ``func``) and ``parts`` is a ``(K, *shape)`` tensor
-of components (one per modality, then the bias), a list of those for tuple outputs (``None`` marks a constant
-output), or ``None`` when the output is to be treated as a constant. Components must sum to ``total``; rules
-that put a residual into the bias component make that exact to float rounding.
+ordinary output at the operating point (already computed with ``func``) and ``parts`` is a ``(M, *shape)`` tensor
+of modality components, a list of those for tuple outputs (``None`` marks a constant output), or ``None`` when
+the output is to be treated as a constant. The bias component is implicit — ``total`` minus the modalities — so a
+rule states what each *modality* receives, and everything else (biases, added constants, ``F(0)`` terms, the
+constant of a norm) is the bias's. ``engine.components(x)`` gives all ``M + 1`` components when a rule needs the
+bias's own value (sum- and ratio-splitting).
 
 Equation numbers refer to the LMD paper's appendix (``shared/papers/lmd-appendix.txt``).
 """
@@ -41,14 +43,14 @@ def linear(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -
 
 def affine(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:
     """An op affine in its decomposed inputs, ``f(h) = A h + c`` (``+``, ``cat`` with a constant, ``where``,
-    ``pad`` with a value, scatter/``index_put`` of constants): ``f_m(h_m) = A h_m`` and ``f_b(h_b) = A h_b + c``,
-    eq. 21–22, so that the constant ``c = f(0)`` is counted once, in the bias component."""
+    ``pad`` with a value, scatter/``index_put`` of constants): ``f_m(h_m) = A h_m = f(h_m) - f(0)``, eq. 21–22;
+    the constant ``c = f(0)`` stays in the bias component."""
     outputs = engine.per_component(func, args, kwargs)
     zero = tree_flatten(engine.at_zero(func, args, kwargs))[0]
     stacked = _stack_leaves(outputs)
     for parts, const in zip(stacked if isinstance(stacked, list) else [stacked], zero):
         if parts is not None:
-            parts[: engine.sink] -= const  # every non-bias component loses the constant it picked up
+            parts -= const
     return stacked
 
 
@@ -65,34 +67,26 @@ def _constant(value: Any, what: str, engine: Any) -> Any:
 
 
 def convolution(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> torch.Tensor:
-    """Convolution (1–3-d, transposed): linear in its input for a constant weight; the bias enters once, in the
-    bias component (eq. 21). All components run as one batched call."""
+    """Convolution (1–3-d, transposed): linear in its input for a constant weight; the layer's bias belongs to the
+    bias component (eq. 21). The modalities run as one batched call."""
     x = args[0]
     weight = _constant(_arg(args, kwargs, 1, "weight"), "the convolution weight", engine)
-    bias = _constant(_arg(args, kwargs, 2, "bias"), "the convolution bias", engine)
+    _constant(_arg(args, kwargs, 2, "bias"), "the convolution bias", engine)
     rest = args[3:]
     parts = engine.parts(x)
     batched = parts.dim() == weight.dim() + 1
     flat = parts.flatten(0, 1) if batched else parts
     with torch._C.DisableTorchFunctionSubclass():
         out = func(flat, weight, None, *rest, **{k: v for k, v in kwargs.items() if k not in ("weight", "bias")})
-    out = out.unflatten(0, parts.shape[:2]) if batched else out
-    if bias is not None:
-        shape = [1] * (out.dim() - 1)
-        shape[1 if batched else 0] = -1
-        out[engine.sink] += bias.view(shape)
-    return out
+    return out.unflatten(0, parts.shape[:2]) if batched else out
 
 
 def dense(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> torch.Tensor:
-    """``F.linear``: ``y_k = W h_k`` for every component, ``+ b`` in the bias component only (eq. 21)."""
+    """``F.linear``: ``y_m = W h_m`` for every modality; ``b`` belongs to the bias component (eq. 21)."""
     weight = _constant(_arg(args, kwargs, 1, "weight"), "the linear weight", engine)
-    bias = _constant(_arg(args, kwargs, 2, "bias"), "the linear bias", engine)
+    _constant(_arg(args, kwargs, 2, "bias"), "the linear bias", engine)
     with torch._C.DisableTorchFunctionSubclass():
-        out = F.linear(engine.parts(args[0]), weight)
-    if bias is not None:
-        out[engine.sink] += bias
-    return out
+        return F.linear(engine.parts(args[0]), weight)
 
 
 def multilinear(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:
@@ -108,9 +102,9 @@ def multilinear(engine: Any, func: Callable, args: tuple, kwargs: dict, total: A
     totals = engine.coefficient(lambda: [x.fl_total() if isinstance(x, Stream) else x for x in leaves])
     acc = None
     for j in positions:
-        parts = leaves[j].fl_parts(engine.num_components)
+        parts = leaves[j].fl_parts(engine.num_modalities)
         outs = []
-        for k in range(engine.num_components):
+        for k in range(engine.num_modalities):
             call = list(totals)
             call[j] = parts[k]
             a, kw = tree_unflatten(call, spec)
@@ -129,7 +123,7 @@ def divide(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -
         return linear(engine, func, args, kwargs, total)
     reciprocal = engine.dispatch(torch.reciprocal, (b,), {})
     if not isinstance(a, Stream):
-        return (reciprocal * a).fl_parts(engine.num_components)
+        return (reciprocal * a).fl_parts(engine.num_modalities)
     return multilinear(engine, torch.mul, (a, reciprocal), {}, total)
 
 

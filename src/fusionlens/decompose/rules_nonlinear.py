@@ -88,17 +88,13 @@ def activation(engine: Any, func: Callable, args: tuple, kwargs: dict, total: to
             f"(in module '{engine.where()}')"
         )
     settings = engine.rules.settings
-    parts = x.fl_parts(engine.num_components)
-    if not settings.linearize_activations:  # ablation row: each component through the original function
-        return _stack_leaves([_plain_call(func, p, *args[1:], **kwargs) for p in parts])
+    if not settings.linearize_activations:  # ablation row: each modality through the original function
+        return _stack_leaves([_plain_call(func, p, *args[1:], **kwargs) for p in engine.parts(x)])
     split = _SPLITS[settings.activation]
-    if split is not None:
-        parts = split(parts, engine.sink)
+    parts = engine.parts(x) if split is None else split(engine.components(x), engine.num_modalities)
     slope = engine.coefficient(lambda: secant_slope(total, x.fl_total()))
-    out = slope * parts
-    # The residual is recorded too: under frozen coefficients the bias keeps the clean point's F(0) terms.
-    out[engine.sink] += engine.coefficient(lambda: total - out.sum(0))
-    return out
+    # The bias receives c * h_b plus F(A) - c * A (F(0) where the slope is 0): exactly total - sum of these.
+    return slope * parts[: engine.num_modalities]
 
 
 def _norm_core(engine: Any, parts: torch.Tensor, value: torch.Tensor, groups: tuple[int, ...], eps: float,
@@ -107,18 +103,17 @@ def _norm_core(engine: Any, parts: torch.Tensor, value: torch.Tensor, groups: tu
     last axis holds the elements sharing one mean/variance. Mean rules: ``ratio`` centres each component by its
     own mean (eq. of B.3); ``identity`` gives the whole mean to the bias; ``uniform`` gives each of the K
     components ``1/K`` of it."""
-    k = parts.shape[0]
+    k = engine.num_components
     grouped_value = value.reshape(groups)
     mean, inv_std = engine.coefficient(lambda: (
         grouped_value.mean(-1, keepdim=True),
         torch.rsqrt(grouped_value.var(-1, unbiased=False, keepdim=True) + eps),
     ))
-    grouped = parts.reshape(k, *groups)
+    grouped = parts.reshape(parts.shape[0], *groups)
     if rule == "ratio":
         out = (grouped - grouped.mean(-1, keepdim=True)) * inv_std
-    elif rule == "identity":
+    elif rule == "identity":  # the modalities are not centred: the whole mean is the bias's
         out = grouped * inv_std
-        out[engine.sink] -= mean * inv_std
     else:  # uniform
         out = (grouped - mean / k) * inv_std
     return out.reshape(parts.shape)
@@ -137,19 +132,15 @@ def _affine_tail(engine: Any, out: torch.Tensor, weight: Any, bias: Any, channel
 
     if weight is not None:
         out = out * shaped(weight)
-    if bias is not None:
-        if rule == "uniform":
-            out = out + shaped(bias) / out.shape[0]
-        else:
-            out[engine.sink] += shaped(bias)
+    if bias is not None and rule == "uniform":
+        out = out + shaped(bias) / engine.num_components
     return out
 
 
 def _ablation_norm(engine: Any, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor | None:
     if engine.rules.settings.linearize_norms:
         return None
-    parts = args[0].fl_parts(engine.num_components)
-    return _stack_leaves([_plain_call(func, p, *args[1:], **kwargs) for p in parts])
+    return _stack_leaves([_plain_call(func, p, *args[1:], **kwargs) for p in engine.parts(args[0])])
 
 
 def batch_norm(engine: Any, func: Callable, args: tuple, kwargs: dict, total: torch.Tensor) -> torch.Tensor:
@@ -240,7 +231,7 @@ def max_pool(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any)
             return func(value, *args[1:indices_at], **call_kwargs, return_indices=True)[1]
 
     index = engine.coefficient(winners)
-    parts = x.fl_parts(engine.num_components)
+    parts = engine.parts(x)
     flat_index = index.flatten(-dims)
     picked = parts.flatten(-dims).gather(-1, flat_index.unsqueeze(0).expand(parts.shape[0], *flat_index.shape))
     out = picked.reshape(parts.shape[0], *index.shape)
@@ -263,7 +254,7 @@ def reduce_select(engine: Any, func: Callable, args: tuple, kwargs: dict, total:
         return _elementwise_select(engine, func, args, kwargs, total)
     name = getattr(func, "__name__", "")
     value = x.fl_total()
-    parts = x.fl_parts(engine.num_components)
+    parts = engine.parts(x)
     if isinstance(total, torch.Tensor) and name in ("amax", "amin", "max", "min"):
         dims = _arg(args, kwargs, 1, "dim", None)
         keepdim = _arg(args, kwargs, 2, "keepdim", False)
@@ -316,15 +307,14 @@ def scatter_reduce(engine: Any, func: Callable, args: tuple, kwargs: dict, total
     t_self = target.fl_total() if isinstance(target, Stream) else target
     t_src = src.fl_total() if isinstance(src, Stream) else src
     keep_self, winner = engine.coefficient(lambda: _scatter_winners(total, t_self, t_src, dim, index, include_self))
-    k = engine.num_components
+    k = engine.num_modalities
+    # a constant operand contributes to the bias only, i.e. nothing to the modality slices
     self_parts = engine.parts(target)
     if self_parts is None:
         self_parts = torch.zeros((k, *total.shape), dtype=total.dtype, device=total.device)
-        self_parts[engine.sink] = t_self
     src_parts = engine.parts(src)
     if src_parts is None:
         src_parts = torch.zeros((k, *t_src.shape), dtype=total.dtype, device=total.device)
-        src_parts[engine.sink] = t_src
     with torch._C.DisableTorchFunctionSubclass():
         out = torch.where(keep_self, self_parts, torch.zeros_like(self_parts))
         routed = torch.where(winner, src_parts, torch.zeros_like(src_parts))

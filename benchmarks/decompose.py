@@ -1,0 +1,155 @@
+"""Cost of a per-pixel modality decomposition of the reference camera-radar model, as ratios to one plain forward.
+
+    python benchmarks/decompose.py --preset tiny
+    python benchmarks/decompose.py --preset paper --repeats 1 --pixels 2
+
+Rows: LMD (``decompose``), exact modality Shapley (2^M forwards), Captum ``ShapleyValues`` with one feature per
+modality (one call per output pixel: timed on ``--pixels`` pixels and extrapolated to the whole BEV map), and
+gradient x input per modality (one backward per output pixel, likewise extrapolated). Peak memory is the peak
+resident-set growth of a fresh subprocess running the method once, over that of a plain forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from fusionlens import decompose
+from fusionlens.data.collate import collate_samples
+from fusionlens.models import batch_to_inputs, build_model, preset_config
+from fusionlens.train.synthetic import SyntheticDataset
+
+METHODS = ("forward", "lmd", "shapley-exact", "captum-shapley", "grad-x-input")
+
+
+def setup(preset: str, batch: int) -> tuple[torch.nn.Module, dict, dict]:
+    torch.manual_seed(0)
+    config = preset_config(preset).with_(modalities=("camera", "radar"))
+    model = build_model(config).eval()
+    data = SyntheticDataset(batch, config.grid, n_cameras=6, image_size=config.image_size)
+    inputs, kwargs = batch_to_inputs(model, collate_samples([data[i] for i in range(batch)]))
+    return model, inputs, kwargs
+
+
+def seg(model: torch.nn.Module, inputs: dict, kwargs: dict) -> torch.Tensor:
+    return model(**inputs, **kwargs)["seg"]
+
+
+def run_forward(model, inputs, kwargs) -> None:
+    with torch.no_grad():
+        seg(model, inputs, kwargs)
+
+
+def run_lmd(model, inputs, kwargs) -> None:
+    decompose(model, inputs, forward_kwargs=kwargs)
+
+
+def run_shapley_exact(model, inputs, kwargs) -> None:
+    """All 2^M coalitions of modalities (absent = zero input), one forward each."""
+    names = list(inputs)
+    with torch.no_grad():
+        for present in itertools.product((False, True), repeat=len(names)):
+            seg(model, {n: x if p else torch.zeros_like(x) for n, x, p in zip(names, inputs.values(), present)}, kwargs)
+
+
+def _captum_call(model, inputs, kwargs, pixel: int) -> None:
+    from captum.attr import ShapleyValues
+
+    names = list(inputs)
+
+    def forward(*tensors: torch.Tensor) -> torch.Tensor:
+        return seg(model, dict(zip(names, tensors)), kwargs).flatten(1)
+
+    masks = tuple(torch.full_like(x, i, dtype=torch.long)[:1] for i, x in enumerate(inputs.values()))
+    with torch.no_grad():
+        ShapleyValues(forward).attribute(tuple(inputs.values()), target=pixel, feature_mask=masks)
+
+
+def _gradient_call(model, inputs, kwargs, pixel: int) -> None:
+    leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
+    out = seg(model, leaves, kwargs).flatten(1)[:, pixel].sum()
+    grads = torch.autograd.grad(out, list(leaves.values()))
+    [(g * x).sum() for g, x in zip(grads, leaves.values())]
+
+
+def timed(fn: Callable[[], None], repeats: int) -> float:
+    fn()  # warm-up (allocator, lazy init)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_memory(preset: str, batch: int, method: str) -> int:
+    """Run in a fresh interpreter: peak RSS growth (bytes) of one call of ``method``."""
+    model, inputs, kwargs = setup(preset, batch)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if method == "forward":
+        run_forward(model, inputs, kwargs)
+    elif method == "lmd":
+        run_lmd(model, inputs, kwargs)
+    elif method == "shapley-exact":
+        run_shapley_exact(model, inputs, kwargs)
+    elif method == "grad-x-input":
+        _gradient_call(model, inputs, kwargs, 0)
+    else:
+        _captum_call(model, inputs, kwargs, 0)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+def memory_in_subprocess(preset: str, batch: int, method: str) -> int:
+    out = subprocess.run([sys.executable, __file__, "--preset", preset, "--batch", str(batch), "--memory-of", method],
+                         check=True, capture_output=True, text=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "small", "paper"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pixels", type=int, default=4, help="output pixels timed for the per-pixel methods")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_of:
+        print(json.dumps({"peak_rss_growth": measure_memory(args.preset, args.batch, args.memory_of)}))
+        return
+    model, inputs, kwargs = setup(args.preset, args.batch)
+    n_pixels = model.config.grid.shape[0] * model.config.grid.shape[1]
+    t_forward = timed(lambda: run_forward(model, inputs, kwargs), args.repeats)
+    rows = {
+        "forward": t_forward,
+        "lmd": timed(lambda: run_lmd(model, inputs, kwargs), args.repeats),
+        "shapley-exact": timed(lambda: run_shapley_exact(model, inputs, kwargs), args.repeats),
+        "captum-shapley": timed(lambda: [_captum_call(model, inputs, kwargs, p) for p in range(args.pixels)], 1)
+        / args.pixels * n_pixels,
+        "grad-x-input": timed(lambda: [_gradient_call(model, inputs, kwargs, p) for p in range(args.pixels)], 1)
+        / args.pixels * n_pixels,
+    }
+    memory = {m: memory_in_subprocess(args.preset, args.batch, m) for m in ("forward", "lmd", "shapley-exact")}
+    print(f"preset={args.preset} batch={args.batch} threads={args.threads} output pixels={n_pixels} "
+          f"torch={torch.__version__}")
+    print("| method | wall time (s) | time / forward | peak memory growth (MiB) | memory / forward |")
+    print("|---|---|---|---|---|")
+    for method, seconds in rows.items():
+        extrapolated = " (extrapolated)" if method in ("captum-shapley", "grad-x-input") else ""
+        mem = memory.get(method)
+        mem_cells = (f"{mem / 2**20:.1f} | {mem / max(memory['forward'], 1):.2f}x" if mem is not None else "— | —")
+        print(f"| {method} | {seconds:.3f}{extrapolated} | {seconds / t_forward:.2f}x | {mem_cells} |")
+
+
+if __name__ == "__main__":
+    main()
