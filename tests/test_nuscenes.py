@@ -120,6 +120,11 @@ def test_meta_conditions_and_splits(data):
     assert s.meta["scene_name"] == "scene-0061" and s.meta["sample_token"] == ds.sample_tokens[0]
     assert s.meta["conditions"] == {"time_of_day": "day", "rain": 0.0} and s.meta["tags"] == ["day"]
     assert set(s.meta["sample_data_tokens"]) >= set(CAMERA_NAMES) | {"LIDAR_TOP"}
+    keyframe_files = man.files[s.meta["sample_token"]]  # what the fixture wrote for this keyframe
+    assert len(keyframe_files) == len(s.meta["sample_data_tokens"]) == 12
+    for channel, token in s.meta["sample_data_tokens"].items():
+        assert f"/{channel}/" in ds.nusc.get("sample_data", token)["filename"]
+        assert ds.nusc.get("sample_data", token)["filename"] in keyframe_files
     val = NuScenesDataset(man.root, "v1.0-mini", "val", GRID, IMAGE_SIZE)
     assert val.sample_tokens == man.sample_tokens["scene-0103"]
     assert val[0].meta["conditions"] == {"time_of_day": "night", "rain": 1.0}

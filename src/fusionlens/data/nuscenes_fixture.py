@@ -113,10 +113,6 @@ class FixtureManifest:
     sample_tokens: dict[str, list[str]] = field(default_factory=dict)  # scene name -> keyframe tokens
     files: dict[str, list[str]] = field(default_factory=dict)  # sample token -> relative paths it references
 
-    def sample_time(self, scene: FixtureScene, k: int) -> float:
-        """Seconds since the scene start of keyframe ``k`` (keyframes every 0.5 s)."""
-        return 0.5 * k
-
     def ego_pose(self, scene: FixtureScene, t: float) -> np.ndarray:
         """4x4 global-from-ego at ``t`` seconds after the first keyframe."""
         return scene_ego_pose(scene, t)
