@@ -37,7 +37,6 @@ Cost: ``1 + M * (B + 1)`` backward passes, i.e. ``2B + 3`` for a camera-LiDAR mo
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +51,7 @@ from fusionlens.prune.params import (
     ParamGroups,
     Scores,
     batch_stream,
+    clone_model,
     named_parameters,
     resolve_groups,
 )
@@ -81,9 +81,9 @@ def altereva(indicators: Indicators, groups: ParamGroups, alpha: float = 1.0, be
     modalities = list(groups.modalities)
     n_mod = len(modalities)
     out: Scores = {}
-    parts = [
-        (k, groups.modalities[k], [m for m in modalities if m != k], beta / (n_mod - 1)) for k in modalities
-    ] + [(FUSION, groups.fusion, modalities, beta / n_mod)]
+    parts = [(k, groups.modalities[k], [m for m in modalities if m != k], beta / (n_mod - 1)) for k in modalities] + [
+        (FUSION, groups.fusion, modalities, beta / n_mod)
+    ]
     for _key, names, maskers, weight in parts:
         if not names:
             continue
@@ -135,7 +135,7 @@ class AlterMOMA(Importance):
         stream = batch_stream(self.batches)
         reference = next(stream)
         theta0 = {n: w.to(torch.float64) for n, w in effective_weights(model, names).items()}
-        start = copy.deepcopy(model).train()
+        start = clone_model(model).train()
         grads = loss_gradients(start, self.loss_fn, reference, names)
         self.backward_passes += 1
         deci = {n: (theta0[n] * grads[n].to(torch.float64)).abs() for n in names}  # eq. 6, 23, 29
@@ -152,7 +152,7 @@ class AlterMOMA(Importance):
         stream: Any,
         theta0: Mapping[str, torch.Tensor],
     ) -> Scores:
-        work = copy.deepcopy(model).train()  # line 6: every stage starts from theta_init
+        work = clone_model(model).train()  # line 6: every stage starts from theta_init
         params = named_parameters(work)
         frozen = set(groups.modalities[masked])
         with torch.no_grad():
@@ -176,20 +176,14 @@ class AlterMOMA(Importance):
             self.backward_passes += 1
             if step == 0:  # dL_m(mu_m=0; D)/dtheta_0, reused from the first update
                 first = {
-                    n: (
-                        torch.zeros_like(params[n])
-                        if params[n].grad is None
-                        else params[n].grad.detach().clone()
-                    )
+                    n: (torch.zeros_like(params[n]) if params[n].grad is None else params[n].grad.detach().clone())
                     for n in scored
                 }
             opt.step()
         last = loss_gradients(work, self.loss_fn, reference if self.same_batch_reri else next(stream), scored)
         self.backward_passes += 1
         # eq. 10 / 26 / 34-35: theta is theta_0 in both terms (Proposition A moves the gradient, not theta).
-        return {
-            n: (theta0[n] * (first[n].to(torch.float64) - last[n].to(torch.float64))).abs() for n in scored
-        }
+        return {n: (theta0[n] * (first[n].to(torch.float64) - last[n].to(torch.float64))).abs() for n in scored}
 
     def scores(self, model: nn.Module, names: list[str], sparsity: float) -> Scores:
         groups = self.resolve(model)

@@ -10,7 +10,6 @@ final threshold keeps them removed.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from fusionlens.prune.params import (
     batch_stream,
     call_model,
     check_sparsity,
+    clone_model,
     named_parameters,
     output_tensors,
 )
@@ -113,11 +113,9 @@ class SNIP(Importance):
         self.loss_fn, self.batches, self.n_batches = loss_fn, batches, n_batches
 
     def scores(self, model: nn.Module, names: list[str], sparsity: float) -> Scores:
-        work = copy.deepcopy(model).train()
+        work = clone_model(model).train()
         stream = batch_stream(self.batches)
-        total = {
-            n: torch.zeros_like(p, dtype=torch.float64) for n, p in effective_weights(work, names).items()
-        }
+        total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in effective_weights(work, names).items()}
         for _ in range(self.n_batches):
             for n, g in loss_gradients(work, self.loss_fn, next(stream), names).items():
                 total[n] += g.to(torch.float64)
@@ -169,17 +167,14 @@ class SynFlow(Importance):
         grads = torch.autograd.grad(total, [params[n] for n in names], allow_unused=True)
         self.backward_passes += 1
         weights = effective_weights(work, names)
-        out = {
-            n: torch.zeros_like(weights[n]) if g is None else (g * weights[n]).abs()
-            for n, g in zip(names, grads)
-        }
+        out = {n: torch.zeros_like(weights[n]) if g is None else (g * weights[n]).abs() for n, g in zip(names, grads)}
         with torch.no_grad():
             for t, s in zip(state, signs):
                 t.mul_(torch.where(s == 0, torch.ones_like(s), s))
         return out
 
     def scores(self, model: nn.Module, names: list[str], sparsity: float) -> Scores:
-        work = copy.deepcopy(model).double().eval()
+        work = clone_model(model).double().eval()
         inputs = _ones_like_inputs(self.input_factory())
         params = named_parameters(work)
         alive = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
@@ -225,13 +220,11 @@ class IMP(Importance):
         params = named_parameters(model)
         alive = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
         for r in range(1, self.rounds + 1):
-            work = apply_masks(copy.deepcopy(model), alive)  # rewound: always restart from theta_init
+            work = apply_masks(clone_model(model), alive)  # rewound: always restart from theta_init
             finetune(work, self.loss_fn, self.batches, self.steps_per_round, lr=self.lr)
             self.backward_passes += self.steps_per_round
             trained = effective_weights(work, names)
-            scores = {
-                n: torch.where(alive[n], trained[n].abs(), torch.full_like(trained[n], DEAD)) for n in names
-            }
+            scores = {n: torch.where(alive[n], trained[n].abs(), torch.full_like(trained[n], DEAD)) for n in names}
             if r < self.rounds:
                 alive = global_masks(scores, 1.0 - (1.0 - sparsity) ** (r / self.rounds))
         return scores

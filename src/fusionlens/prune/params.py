@@ -12,6 +12,7 @@ pruning them mostly breaks normalisation. ``prunable_types`` / ``include_bias`` 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -75,9 +76,7 @@ def prunable_parameters(
             if getattr(module, attr, None) is not None:
                 names.append(f"{mod_name}.{attr}" if mod_name else attr)
     if not names:
-        raise ValueError(
-            f"prunable_types {[t.__name__ for t in types]} match no parameter of {type(model).__name__}"
-        )
+        raise ValueError(f"prunable_types {[t.__name__ for t in types]} match no parameter of {type(model).__name__}")
     return names
 
 
@@ -140,14 +139,10 @@ def resolve_groups(
             pre = [pre] if isinstance(pre, str) else list(pre)
             groups[key] = _match(names, pre)
             if not groups[key]:
-                raise ValueError(
-                    f"group {key!r} (prefixes {pre}) matches no parameter of {type(model).__name__}"
-                )
+                raise ValueError(f"group {key!r} (prefixes {pre}) matches no parameter of {type(model).__name__}")
     fusion = groups.pop(FUSION, None)
     if len(groups) < 2:
-        raise ValueError(
-            f"AlterMOMA needs at least two modality groups besides 'fusion', got {sorted(groups)}"
-        )
+        raise ValueError(f"AlterMOMA needs at least two modality groups besides 'fusion', got {sorted(groups)}")
     for key, members in groups.items():
         if not members:
             raise ValueError(f"group {key!r} matches no parameter of {type(model).__name__}")
@@ -165,6 +160,18 @@ def resolve_groups(
     if clash:
         raise ValueError(f"parameters in both a modality group and 'fusion': {clash[:5]}")
     return ParamGroups({k: tuple(v) for k, v in groups.items()}, tuple(fusion))
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works on a model masked with ``torch.nn.utils.prune`` after a forward pass
+    (its ``weight`` is then a non-leaf tensor, which deepcopy refuses; the copy recomputes it on its next
+    forward)."""
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            name = getattr(hook, "_tensor_name", None)
+            if name is not None and isinstance(getattr(module, name, None), torch.Tensor):
+                setattr(module, name, getattr(module, name).detach())
+    return copy.deepcopy(model)
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
@@ -208,8 +215,6 @@ def check_scores(scores: Mapping[str, torch.Tensor], params: Mapping[str, torch.
         if name not in params:
             raise ValueError(f"score for unknown parameter {name!r}")
         if s.shape != params[name].shape:
-            raise ValueError(
-                f"score for {name!r} has shape {tuple(s.shape)}, parameter {tuple(params[name].shape)}"
-            )
+            raise ValueError(f"score for {name!r} has shape {tuple(s.shape)}, parameter {tuple(params[name].shape)}")
         if not torch.isfinite(s).all():
             raise ValueError(f"score for {name!r} is not finite (a diverging loss or learning rate?)")

@@ -13,7 +13,6 @@ a much smaller one (``inner_lr``), or the inner loss diverges and a clear error 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fusionlens.prune.baselines import Importance
-from fusionlens.prune.params import LossFn, Scores, batch_stream, parameter_name
+from fusionlens.prune.params import LossFn, Scores, batch_stream, clone_model, parameter_name
 
 
 class _LossModule(nn.Module):
@@ -62,7 +61,7 @@ class ProsPr(Importance):
 
     def scores(self, model: nn.Module, names: list[str], sparsity: float) -> Scores:
         # A copy: train-mode normalisation layers update running statistics during the inner steps.
-        wrapper = _LossModule(copy.deepcopy(model).train(), self.loss_fn)
+        wrapper = _LossModule(clone_model(model).train(), self.loss_fn)
         return self._meta_gradient(wrapper, names)
 
     def _meta_gradient(self, wrapper: _LossModule, names: list[str]) -> Scores:
@@ -70,9 +69,7 @@ class ProsPr(Importance):
         raw = {f"model.{n}": p.detach() for n, p in wrapper.model.named_parameters()}
         key_of = {parameter_name(k[len("model.") :]): k for k in raw}
         installed = {
-            parameter_name(k[len("model.") :]): b.detach()
-            for k, b in wrapper.named_buffers()
-            if k.endswith("_mask")
+            parameter_name(k[len("model.") :]): b.detach() for k, b in wrapper.named_buffers() if k.endswith("_mask")
         }
         masks = {n: torch.ones_like(raw[key_of[n]], requires_grad=True) for n in names}
         theta = {k: v.clone().requires_grad_(True) for k, v in raw.items()}
@@ -84,15 +81,13 @@ class ProsPr(Importance):
             loss = functional_call(wrapper, theta, (next(stream),))
             if not torch.isfinite(loss):
                 raise RuntimeError(
-                    f"ProsPr inner loss diverged at step {step} ({float(loss)}); lower inner_lr "
-                    f"(now {self.inner_lr})"
+                    f"ProsPr inner loss diverged at step {step} ({float(loss)}); lower inner_lr (now {self.inner_lr})"
                 )
             if step == self.inner_steps:
                 grads = torch.autograd.grad(loss, [masks[n] for n in names], allow_unused=True)
                 self.backward_passes += 1
                 return {
-                    n: (torch.zeros_like(masks[n]) if g is None else g.detach().abs())
-                    for n, g in zip(names, grads)
+                    n: (torch.zeros_like(masks[n]) if g is None else g.detach().abs()) for n, g in zip(names, grads)
                 }
             keys = [k for k, v in theta.items() if v.requires_grad]
             grads = torch.autograd.grad(loss, [theta[k] for k in keys], create_graph=True, allow_unused=True)

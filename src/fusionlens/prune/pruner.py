@@ -9,7 +9,6 @@ first). Masks are installed with ``torch.nn.utils.prune`` so a pruned model stay
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from fusionlens.prune.params import LossFn, batch_stream, check_scores, check_sparsity, named_parameters
+from fusionlens.prune.params import LossFn, batch_stream, check_scores, check_sparsity, clone_model, named_parameters
 
 
 def global_masks(scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
@@ -60,9 +59,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
         if name not in params:
             raise ValueError(f"mask for unknown parameter {name!r}")
         if mask.shape != params[name].shape:
-            raise ValueError(
-                f"mask for {name!r} has shape {tuple(mask.shape)}, parameter {tuple(params[name].shape)}"
-            )
+            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter {tuple(params[name].shape)}")
         module, attr = _owner(model, name)
         torch_prune.custom_from_mask(module, attr, mask.to(params[name].device, torch.float32))
     return model
@@ -90,7 +87,7 @@ def make_dense(model: nn.Module) -> nn.Module:
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A state dict of the pruned model in the original architecture's keys, pruned entries zero."""
-    return make_dense(copy.deepcopy(model)).state_dict()
+    return make_dense(clone_model(model)).state_dict()
 
 
 def sparsity_report(model: nn.Module, names: Iterable[str]) -> dict[str, Any]:
@@ -123,7 +120,7 @@ def prune_with_scores(
     parameters (the initial ones, theta_init). Returns a masked copy unless ``inplace``."""
     check_sparsity(sparsity)
     check_scores(scores, {n: p.detach() for n, p in named_parameters(model).items()})
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else clone_model(model)
     return apply_masks(target, global_masks(scores, sparsity))
 
 

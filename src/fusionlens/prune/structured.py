@@ -23,7 +23,6 @@ which the isolated-branch workaround cannot see.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +33,7 @@ from torch import nn
 from torch_pruning import ops
 from tqdm import tqdm
 
-from fusionlens.prune.params import call_model, check_sparsity, output_tensors
+from fusionlens.prune.params import call_model, check_sparsity, clone_model, output_tensors
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -284,9 +283,14 @@ def structured_prune(
 
     Output layers are never pruned and the output shapes are checked. ``report`` (if given) receives the
     number of pruned groups and the layers left whole."""
-    target = copy.deepcopy(model).eval()
+    names = {id(m): n for n, m in model.named_modules()}
+    unknown = [type(m).__name__ for m in ignored_layers if id(m) not in names]
+    if unknown:
+        raise ValueError(f"ignored_layers must be modules of the model, got foreign {unknown}")
+    target = clone_model(model).eval()
+    ignored = [target.get_submodule(names[id(m)]) for m in ignored_layers]  # the same layers in the copy
     shapes = _output_shapes(target, example_inputs)
-    plan, left = plan_channels(target, scores, ratio, example_inputs, ignored_layers)
+    plan, left = plan_channels(target, scores, ratio, example_inputs, ignored)
     graph = tp.DependencyGraph().build_dependency(target, example_inputs=example_inputs)
     for entry in tqdm([e for e in plan if e.consumer is None], desc="remove channels", leave=False):
         group = graph.get_pruning_group(target.get_submodule(entry.module), entry.handler, idxs=entry.idxs)
