@@ -2,7 +2,8 @@
 settings (six 1600x900 JPEGs resized to 224x400, 5 radars x 5 sweeps, 5 LiDAR sweeps, 200x200x8 grid), on a
 nuScenes-format fixture with real-sized files (no nuScenes download needed):
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/nuscenes_loader.py --out out/bench/nuscenes_loader.json
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/nuscenes_loader.py --flops \
+        --out out/bench/nuscenes_loader.json
 
 Per-sample times are medians over the fixture's keyframes, loading one modality at a time and all together (the
 BEV labels are built in every case). Radar files hold ``--radar-points`` returns and LiDAR sweeps
@@ -50,12 +51,30 @@ def time_loading(root: Path, modalities: tuple[str, ...], warmup: int = 1) -> di
     return {"median_s": round(statistics.median(times), 4), "max_s": round(max(times), 4), "samples": len(ds)}
 
 
+def paper_model_flops(root: Path, modalities: tuple[str, ...]) -> dict[str, float]:
+    """Forward GFLOPs of the ``paper`` preset on one fixture sample (``torch.utils.flop_counter``, batch 1)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fusionlens.data.collate import collate_samples
+    from fusionlens.models import batch_to_inputs, build_model, preset_config
+
+    ds = NuScenesDataset(root, "v1.0-mini", "train", PAPER_GRID, PAPER_IMAGE_SIZE, modalities=modalities)
+    model = build_model(preset_config("paper", modalities)).eval()
+    inputs, kwargs = batch_to_inputs(model, collate_samples([ds[1]]))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**inputs, **kwargs)
+    return {"forward_gflops": round(counter.get_total_flops() / 1e9, 1),
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/bench/nuscenes_loader.json")
     parser.add_argument("--samples", type=int, default=6, help="keyframes in the fixture scene")
     parser.add_argument("--radar-points", type=int, default=100, help="returns per radar file")
     parser.add_argument("--lidar-points", type=int, default=34_720, help="points per LiDAR sweep")
+    parser.add_argument("--flops", action="store_true", help="also count the paper preset's forward FLOPs")
     args = parser.parse_args()
     if args.samples < 2:
         raise ValueError(f"--samples must be >= 2, got {args.samples}")
@@ -68,6 +87,9 @@ def main() -> None:
                                                   "radar_sweeps": 5, "lidar_sweeps": 5, **vars(args)}}
         for mods in (("camera",), ("radar",), ("lidar",), ("camera", "radar"), ("camera", "radar", "lidar")):
             result["+".join(mods)] = time_loading(root, mods)
+        if args.flops:
+            for mods in (("camera", "radar"), ("camera", "lidar")):
+                result[f"paper_model/{'+'.join(mods)}"] = paper_model_flops(root, mods)
     atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2, default=str))
 
