@@ -140,6 +140,9 @@ def test_batches_like_the_builtin_world_and_is_deterministic(data):
     assert batch["radar"].shape[0] == 2 and batch["radar"].shape[2] == 19
     assert batch["radar_valid"].sum(1).tolist() == [ds[0].radar.shape[0], ds[2].radar.shape[0]]
     assert batch["lidar"].shape[2] == 5 and batch["bev_seg"].shape == (2, 1, 40, 40)
+    assert ds[-1].meta["index"] == len(ds) - 1
+    with pytest.raises(IndexError, match="out of range"):
+        ds[len(ds)]
     a, b = ds[1], pickle.loads(pickle.dumps(ds))[1]  # picklable for DataLoader workers
     for name in ("images", "radar", "lidar", "bev_seg", "bev_valid", "boxes"):
         assert torch.equal(getattr(a, name), getattr(b, name))
@@ -164,6 +167,7 @@ def test_cli_hooks(data):
     ({"radar_filters": "strict"}, "radar_filters"),
     ({"modalities": ("sonar",)}, "modalities"),
     ({"cameras": ("CAM_TOP",)}, "cameras"),
+    ({"grid": (200, 200, 8)}, "grid must be a BEVGrid"),
 ])
 def test_bad_settings_raise_naming_them(data, kwargs, match):
     man, _ = data

@@ -146,6 +146,8 @@ class NuScenesDataset(Dataset):
         center_sigma: float = DEFAULT_CENTER_SIGMA_M,
         verify_files: bool = False,
     ) -> None:
+        if not isinstance(grid, BEVGrid):
+            raise ValueError(f"grid must be a BEVGrid, got {type(grid).__name__}")
         if len(image_size) != 2 or min(int(v) for v in image_size) < 1:
             raise ValueError(f"image_size must be (H, W) with positive sizes, got {image_size!r}")
         for name, n in (("n_radar_sweeps", n_radar_sweeps), ("n_lidar_sweeps", n_lidar_sweeps)):
@@ -225,6 +227,7 @@ class NuScenesDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} nuScenes {self.split} samples")
+        index = range(len(self))[index]
         sample = self.nusc.get("sample", self.sample_tokens[index])
         records = self._records(sample)
         for what, recs in records.items():
