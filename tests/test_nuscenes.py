@@ -234,3 +234,17 @@ def test_radar_only_download_needs_no_images_or_lidar_files(tmp_path):
     assert s.intrinsics[0, 0, 0].item() == pytest.approx(k0[0, 0] * sx)
     with pytest.raises(FileNotFoundError, match="cameras of sample .* CAM_FRONT file"):
         NuScenesDataset(tmp_path, "v1.0-mini", "train", GRID, IMAGE_SIZE, modalities=("camera",))
+
+
+def test_trainval_version_uses_the_standard_splits(tmp_path):
+    from fusionlens.data.nuscenes_fixture import FixtureScene, write_nuscenes_fixture
+
+    # scene-0001 is in the devkit's train split, scene-0003 in val; the test split has none of them.
+    write_nuscenes_fixture(tmp_path, (FixtureScene("scene-0001", n_samples=2), FixtureScene("scene-0003")),
+                           version="v1.0-trainval")
+    train = NuScenesDataset(tmp_path, "v1.0-trainval", "train", GRID, IMAGE_SIZE, modalities=("radar",))
+    val = NuScenesDataset(tmp_path, "v1.0-trainval", "val", GRID, IMAGE_SIZE, modalities=("radar",))
+    assert (len(train), len(val)) == (2, 3)
+    assert {train[0].meta["scene_name"], val[0].meta["scene_name"]} == {"scene-0001", "scene-0003"}
+    with pytest.raises(ValueError, match="split 'test' has no scenes"):
+        NuScenesDataset(tmp_path, "v1.0-trainval", "test", GRID, IMAGE_SIZE)

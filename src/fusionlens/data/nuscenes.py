@@ -48,7 +48,7 @@ PAPER_GRID = BEVGrid(((-50.0, 50.0), (-50.0, 50.0), (-5.0, 5.0)), (200, 200, 8))
 PAPER_IMAGE_SIZE: tuple[int, int] = (224, 400)
 #: Our split names -> the devkit's, per version; any other devkit split name (or a custom one from the
 #: devkit's splits.json) is passed through.
-_SPLIT_ALIASES = {"v1.0-mini": {"train": "mini_train", "val": "mini_val"}, "v1.0-test": {"val": "test"}}
+_SPLIT_ALIASES = {"v1.0-mini": {"train": "mini_train", "val": "mini_val"}}
 _REFERENCE_CHANNEL = "LIDAR_TOP"
 _INSTALL_HINT = "nuScenes support needs nuscenes-devkit: pip install 'fusionlens[nuscenes]'"
 
