@@ -6,18 +6,22 @@
 Rows: LMD (``decompose``), exact modality Shapley (2^M forwards), Captum ``ShapleyValues`` with one feature per
 modality (one call per output pixel: timed on ``--pixels`` pixels and extrapolated to the whole BEV map), and
 gradient x input per modality (one backward per output pixel, likewise extrapolated). Peak memory is the peak
-resident-set growth of a fresh subprocess running the method once, over that of a plain forward.
+resident-set growth of a fresh subprocess running the method once (for the per-pixel methods: one pixel), over
+that of a plain forward.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import itertools
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -91,21 +95,36 @@ def timed(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(times)
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def measure_memory(preset: str, batch: int, method: str) -> int:
-    """Run in a fresh interpreter: peak RSS growth (bytes) of one call of ``method``."""
+    """Run in a fresh interpreter: peak RSS growth (bytes) during one call of ``method``, sampled every
+    millisecond by a thread (torch kernels release the GIL), after returning freed heap memory to the OS."""
     model, inputs, kwargs = setup(preset, batch)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if method == "forward":
-        run_forward(model, inputs, kwargs)
-    elif method == "lmd":
-        run_lmd(model, inputs, kwargs)
-    elif method == "shapley-exact":
-        run_shapley_exact(model, inputs, kwargs)
-    elif method == "grad-x-input":
-        _gradient_call(model, inputs, kwargs, 0)
-    else:
-        _captum_call(model, inputs, kwargs, 0)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = peak = _rss()
+    done = threading.Event()
+
+    def poll() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=poll)
+    watcher.start()
+    try:
+        {"forward": run_forward, "lmd": run_lmd, "shapley-exact": run_shapley_exact,
+         "grad-x-input": lambda *a: _gradient_call(*a, 0), "captum-shapley": lambda *a: _captum_call(*a, 0),
+         }[method](model, inputs, kwargs)
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak, _rss()) - before
 
 
 def memory_in_subprocess(preset: str, batch: int, method: str) -> int:
@@ -139,7 +158,8 @@ def main() -> None:
         "grad-x-input": timed(lambda: [_gradient_call(model, inputs, kwargs, p) for p in range(args.pixels)], 1)
         / args.pixels * n_pixels,
     }
-    memory = {m: memory_in_subprocess(args.preset, args.batch, m) for m in ("forward", "lmd", "shapley-exact")}
+    memory = {m: memory_in_subprocess(args.preset, args.batch, m)
+              for m in ("forward", "lmd", "shapley-exact", "grad-x-input")}
     print(f"preset={args.preset} batch={args.batch} threads={args.threads} output pixels={n_pixels} "
           f"torch={torch.__version__}")
     print("| method | wall time (s) | time / forward | peak memory growth (MiB) | memory / forward |")
