@@ -1,0 +1,5 @@
+"""``python -m fusionlens``: the command line."""
+
+from fusionlens.cli import main
+
+raise SystemExit(main())
