@@ -145,3 +145,60 @@ def test_cli_parsers_register() -> None:
     assert args.modalities == "camera,lidar" and args.init_from == ["camera=a.pt"]
     with pytest.raises(ValueError, match="MODALITY=PATH"):
         train_cli._parse_kv(["camera"], "--init-from")
+
+
+def test_cli_train_evaluate_round_trip(tmp_path, capsys) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    train_cli.register(sub)
+    evaluate_cli.register(sub)
+    out = tmp_path / "r.pt"
+    argv = [
+        "train",
+        "--modalities",
+        "radar",
+        "--data",
+        "synthetic",
+        "--train-size",
+        "4",
+        "--val-size",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and "all" in summary["val_iou"]
+    with pytest.raises(ValueError, match="--resume to continue"):
+        args.func(parser.parse_args(argv))
+    args = parser.parse_args(argv + ["--resume"])  # already finished: nothing left to train, same weights
+    assert args.func(args) == 0
+    capsys.readouterr()
+    ev = parser.parse_args(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(out),
+            "--data",
+            "synthetic",
+            "--size",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "e.json"),
+        ]
+    )
+    assert ev.func(ev) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["step"] == 2 and report["iou"] == pytest.approx(summary["val_iou"], nan_ok=True)
+    with pytest.raises(ValueError, match="--freeze-steps needs --init-from"):
+        args = parser.parse_args(argv[:-1] + ["--overwrite", "--freeze-steps", "3"])
+        args.func(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from fusionlens.models import PRESETS, ModelConfig, preset_config
@@ -74,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
     )
     init_from = _parse_kv(args.init_from or [], "--init-from")
+    if Path(args.out).exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"--out {args.out} exists: pass --resume to continue that run or --overwrite to replace it")
     config = model_config_from_args(args)
     train_set = dataset_for(args, "train", args.train_size, config)
     grid = train_set[0].grid
@@ -126,6 +129,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--camera-weights", default=None, help="local torchvision ResNet state dict to start from")
     p.add_argument("--out", default="out/checkpoints/model.pt", help="checkpoint path (written atomically)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=4, help="per process")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
