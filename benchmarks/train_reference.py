@@ -3,7 +3,7 @@ camera-radar, camera-LiDAR and three-modality models with one schedule, then (``
 and camera-LiDAR models initialised from the single-modality backbones, and measure cross-modality redundancy.
 
     nice -n 10 python benchmarks/train_reference.py --steps 300 --train-size 512 --val-size 128
-    nice -n 10 python benchmarks/train_reference.py ... --pretrained        # issue 8, after the above
+    nice -n 10 python benchmarks/train_reference.py ... --pretrained        # issue 8 (trains what is missing)
 
 Checkpoints land in ``--out-dir`` (default ``out/checkpoints``) as ``tiny_<name>.pt`` with ``.metrics.json``;
 ``reference.json`` / ``pretrained.json`` there collect the numbers, and a Markdown table is printed. A model whose
@@ -137,6 +137,20 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def redundancy_table(report: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = [
+        "| model | masked backbone | full IoU | masked IoU | after reactivation | recovered |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, per_mod in report.items():
+        for mod, r in per_mod.items():
+            lines.append(
+                f"| {name} | {mod} | {100 * r['full_iou']:.1f} | {100 * r['masked_iou']:.1f} | "
+                f"{100 * r['reactivated_iou']:.1f} | {r['recovered']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
@@ -170,6 +184,11 @@ def main() -> None:
         atomic_write_json(out / "reference.json", {"args": vars(args), "rows": rows})
         print(table(rows))
         return
+    # the recipe in one command: single-modality backbones and scratch fusion models (reused when present),
+    # then the fusion models initialised from the backbones
+    base = [
+        _train_one(n, MODELS[n], tcfg, data, args) for n in ("camera", "radar", "lidar", "camera_radar", "camera_lidar")
+    ]
     rows = []
     for name, sources in PRETRAINED.items():
         init = {m: str(out / f"tiny_{src}.pt") for m, src in sources.items()}
@@ -186,8 +205,9 @@ def main() -> None:
             progress=not args.no_progress,
         )
         print(name, json.dumps(report[name]), flush=True)
-    atomic_write_json(out / "pretrained.json", {"args": vars(args), "rows": rows, "redundancy": report})
-    print(table(rows))
+    atomic_write_json(out / "pretrained.json", {"args": vars(args), "rows": base + rows, "redundancy": report})
+    print(table(base + rows))
+    print(redundancy_table(report))
 
 
 if __name__ == "__main__":
