@@ -164,6 +164,7 @@ def main() -> None:
     ap.add_argument("--pretrained", action="store_true", help="issue 8: fusion from pre-trained backbones")
     ap.add_argument("--freeze-steps", type=int, default=50)
     ap.add_argument("--redundancy-steps", type=int, default=20)
+    ap.add_argument("--redundancy-size", type=int, default=64, help="validation samples for redundancy IoUs")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -194,12 +195,13 @@ def main() -> None:
         init = {m: str(out / f"tiny_{src}.pt") for m, src in sources.items()}
         rows.append(_train_one(name, ",".join(sources), tcfg, data, args, init_from=init))
     report: dict[str, Any] = {}
+    red_val = torch.utils.data.Subset(data[1], range(min(args.redundancy_size, len(data[1]))))
     for name in ("camera_radar", "camera_radar_pre", "camera_lidar", "camera_lidar_pre"):
         model, _ = load_model(out / f"tiny_{name}.pt")
         report[name] = redundancy_report(
             model,
             data[0],
-            data[1],
+            red_val,
             steps=args.redundancy_steps,
             batch_size=args.batch_size,
             progress=not args.no_progress,
