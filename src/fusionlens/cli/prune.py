@@ -22,7 +22,7 @@ from fusionlens.prune.api import METHOD_OPTIONS, METHODS, build_importance, prun
 from fusionlens.prune.cost import cost_report
 from fusionlens.prune.params import check_sparsity, prunable_parameters, resolve_groups
 from fusionlens.prune.pruner import finetune
-from fusionlens.prune.reference import example_inputs, load_reference, reference_loss, save_pruned
+from fusionlens.prune.reference import CALIBRATION_INPUTS, example_inputs, load_reference, reference_loss, save_pruned
 from fusionlens.prune.structured import structured_prune
 
 # CLI flag -> (method, option name)
@@ -52,6 +52,8 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
         opts[name] = value
     if args.method == "random":
         opts["seed"] = args.seed
+    if args.method == "synflow":
+        opts["keep_inputs"] = CALIBRATION_INPUTS
     assert set(opts) <= set(METHOD_OPTIONS[args.method])
     return opts
 

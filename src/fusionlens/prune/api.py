@@ -35,7 +35,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "magnitude": (),
     "imp": ("rounds", "steps_per_round", "lr"),
     "snip": ("n_batches",),
-    "synflow": ("iterations",),
+    "synflow": ("iterations", "keep_inputs"),
     "prospr": ("inner_steps", "inner_lr", "momentum"),
     "altermoma": ("alpha", "beta", "reactivation_steps", "reactivation_lr", "same_batch_reri"),
 }

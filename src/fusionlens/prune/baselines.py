@@ -126,11 +126,17 @@ class SNIP(Importance):
         return {n: s / norm for n, s in raw.items()}
 
 
-def _ones_like_inputs(inputs: Any) -> Any:
+def _ones_like_inputs(inputs: Any, keep: Sequence[str] = ()) -> Any:
+    """Every floating tensor replaced by ones (float64), except dict entries named in ``keep``."""
     if isinstance(inputs, torch.Tensor):
         return torch.ones_like(inputs, dtype=torch.float64) if inputs.is_floating_point() else inputs
     if isinstance(inputs, Mapping):
-        return {k: _ones_like_inputs(v) for k, v in inputs.items()}
+        return {
+            k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            if k in keep
+            else _ones_like_inputs(v)
+            for k, v in inputs.items()
+        }
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(_ones_like_inputs(v) for v in inputs)
     return inputs
@@ -144,16 +150,19 @@ class SynFlow(Importance):
     normalise the all-ones signal away), feed an all-ones input in float64, ``R = sum(outputs)`` and score
     ``|theta * dR/dtheta|``; then keep the top ``(1 - rho)^(k / iterations)`` fraction (exponential schedule).
     ``input_factory()`` returns example inputs (tensor, tuple or dict of keyword inputs); only their shapes
-    and non-float entries (validity masks) are used.
+    and non-float entries (validity masks) are used, and the dict entries named in ``keep_inputs`` (e.g.
+    camera calibration, which must stay invertible) are passed unchanged.
     """
 
     name = "synflow"
 
-    def __init__(self, input_factory: Callable[[], Any], iterations: int = 100) -> None:
+    def __init__(
+        self, input_factory: Callable[[], Any], iterations: int = 100, keep_inputs: Sequence[str] = ()
+    ) -> None:
         super().__init__()
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
-        self.input_factory, self.iterations = input_factory, iterations
+        self.input_factory, self.iterations, self.keep_inputs = input_factory, iterations, tuple(keep_inputs)
 
     def _round(self, work: nn.Module, names: list[str], inputs: Any) -> Scores:
         state = [t for t in list(work.parameters()) + list(work.buffers()) if t.is_floating_point()]
@@ -175,7 +184,7 @@ class SynFlow(Importance):
 
     def scores(self, model: nn.Module, names: list[str], sparsity: float) -> Scores:
         work = clone_model(model).double().eval()
-        inputs = _ones_like_inputs(self.input_factory())
+        inputs = _ones_like_inputs(self.input_factory(), self.keep_inputs)
         params = named_parameters(work)
         alive = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
         for k in range(1, self.iterations + 1):

@@ -21,6 +21,10 @@ from fusionlens.prune.pruner import dense_state_dict, get_masks
 from fusionlens.train.checkpoint import load_model, save_checkpoint
 from fusionlens.train.losses import LossConfig, simplebev_loss
 
+#: Forward inputs of the reference models that are calibration, not sensor data: SynFlow's all-ones input
+#: must leave them alone (an all-ones camera pose is singular).
+CALIBRATION_INPUTS: tuple[str, ...] = ("intrinsics", "cam_to_ego")
+
 
 def reference_loss(config: LossConfig | None = None) -> LossFn:
     """SimpleBEV's training loss (``simplebev_loss(...)["total"]``) as a ``loss_fn(model, batch)``."""

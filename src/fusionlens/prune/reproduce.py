@@ -31,7 +31,7 @@ from fusionlens.prune.api import METHODS, build_importance, prune
 from fusionlens.prune.cost import cost_report
 from fusionlens.prune.params import prunable_parameters
 from fusionlens.prune.pruner import finetune
-from fusionlens.prune.reference import example_inputs, load_reference, reference_loss
+from fusionlens.prune.reference import CALIBRATION_INPUTS, example_inputs, load_reference, reference_loss
 from fusionlens.prune.structured import structured_prune
 
 
@@ -171,16 +171,31 @@ class Runner:
         opts = dict(self.cfg.method_options.get(method, {}))
         if method == "random":
             opts["seed"] = seed
+        if method == "synflow":
+            opts["keep_inputs"] = CALIBRATION_INPUTS
         if method == "altermoma" and beta is not None:
             opts["beta"] = beta
         return opts
 
-    def unstructured(self, pair: str, method: str, rho: float, seed: int, beta: float | None = None) -> dict[str, Any]:
-        rel = (
-            f"ablation/{_slug(pair)}/b{beta:g}/s{rho:g}/seed{seed}.json"
-            if beta is not None
-            else f"unstructured/{_slug(pair)}/{method}/s{rho:g}/seed{seed}.json"
-        )
+    def unstructured(
+        self,
+        pair: str,
+        method: str,
+        rho: float,
+        seed: int,
+        beta: float | None = None,
+        options: dict[str, Any] | None = None,
+        group: str | None = None,
+    ) -> dict[str, Any]:
+        """One pruned + fine-tuned + evaluated cell. ``beta`` files it under the ablation; ``options`` (extra
+        method options) with ``group`` under ``<group>/<pair>/<options>/...`` (e.g. the B / lr sweep)."""
+        if options:
+            tag = "_".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(options.items()))
+            rel = f"{group or 'sweep'}/{_slug(pair)}/{method}_{tag}/s{rho:g}/seed{seed}.json"
+        elif beta is not None:
+            rel = f"ablation/{_slug(pair)}/b{beta:g}/s{rho:g}/seed{seed}.json"
+        else:
+            rel = f"unstructured/{_slug(pair)}/{method}/s{rho:g}/seed{seed}.json"
 
         def compute() -> dict[str, Any]:
             torch.manual_seed(seed)
@@ -198,7 +213,7 @@ class Runner:
                 finetune_steps=self.cfg.finetune_steps,
                 finetune_lr=self.cfg.finetune_lr,
                 progress=self.progress,
-                **self._options(method, seed, beta),
+                **{**self._options(method, seed, beta), **(options or {})},
             )
             report = {k: v for k, v in result.report.items() if k != "prunable"}
             return {
@@ -207,6 +222,7 @@ class Runner:
                 "sparsity": rho,
                 "seed": seed,
                 "beta": beta,
+                "extra_options": options or {},
                 "iou": self.evaluate(result.model),
                 **report,
             }

@@ -1,0 +1,113 @@
+"""``fusionlens prune`` bad input (clear errors before any work), the method factory, the reference-model
+glue, and resumability of the reproduction runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusionlens.cli import main
+from fusionlens.prune.api import METHODS, build_importance, prune
+from fusionlens.prune.reproduce import ReproduceConfig, Runner
+from prune_tiny import TinyFusion, make_batches, tiny_loss
+
+
+def test_cli_rejects_bad_sparsity_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["prune", "--checkpoint", str(tmp_path / "missing.pt"), "--sparsity", "1.0"])
+    assert code == 2
+    assert "--sparsity must lie in [0, 1)" in capsys.readouterr().err
+
+
+def test_cli_missing_checkpoint_and_foreign_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["prune", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["prune", "--checkpoint", "x.pt", "--method", "snip", "--beta", "2"]) == 2
+    assert "--beta is an option of --method altermoma" in capsys.readouterr().err
+
+
+def test_cli_checkpoint_of_another_architecture(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fusionlens.models import build_model, preset_config
+    from fusionlens.train.checkpoint import save_checkpoint
+    from fusionlens.train.synthetic import TEST_GRID
+
+    small = preset_config("tiny", "camera,lidar", grid=TEST_GRID, point_bev_channels=8)
+    other = small.with_(point_bev_channels=16)
+    path = save_checkpoint(tmp_path / "ref.pt", model=build_model(small), model_config=other)
+    assert main(["prune", "--checkpoint", str(path), "--data", "synthetic", "--no-progress"]) == 2
+    assert "does not fit the architecture" in capsys.readouterr().err
+
+
+def test_method_factory_validates() -> None:
+    with pytest.raises(ValueError, match="method must be one of"):
+        build_importance("obd")
+    with pytest.raises(ValueError, match="needs loss_fn and batches"):
+        build_importance("snip")
+    with pytest.raises(ValueError, match="needs input_factory"):
+        build_importance("synflow")
+    with pytest.raises(ValueError, match="takes options"):
+        build_importance("magnitude", beta=1.0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_prunes_exactly_through_the_api(method: str) -> None:
+    torch.manual_seed(0)
+    model = TinyFusion()
+    batches = make_batches(6)
+    opts = {
+        "imp": {"steps_per_round": 2},
+        "synflow": {"iterations": 3},
+        "prospr": {"inner_lr": 0.05},
+        "altermoma": {"reactivation_steps": 2},
+    }.get(method, {})
+    result = prune(
+        model,
+        method,
+        0.8,
+        loss_fn=tiny_loss,
+        batches=batches,
+        finetune_steps=2,
+        input_factory=lambda: {"camera": batches[0]["camera"][:1], "lidar": batches[0]["lidar"][:1]},
+        **opts,
+    )
+    n = result.report["n_prunable"]
+    assert result.report["n_zero"] >= round(0.8 * n)  # exact count of masked entries, plus any zero weights
+    assert result.report["finetune_steps"] == 2
+    if method == "altermoma":
+        assert result.report["scoring_backward_passes"] == 2 * 2 + 3
+
+
+def test_altermoma_needs_groups_before_work() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    with pytest.raises(ValueError, match="no modality_groups"):
+        prune(model, "altermoma", 0.5, loss_fn=tiny_loss, batches=[{}])
+
+
+def test_runner_cells_are_atomic_and_resume(tmp_path: Path) -> None:
+    runner = Runner(ReproduceConfig(out_dir=str(tmp_path), seeds=(0,)), progress=False)
+    calls = []
+
+    def crash() -> dict:
+        calls.append("crash")
+        raise KeyboardInterrupt  # an interrupted cell leaves nothing behind
+
+    with pytest.raises(KeyboardInterrupt):
+        runner._cell("unstructured/a/m/s0.8/seed0.json", crash)
+    assert not (tmp_path / "unstructured/a/m/s0.8/seed0.json").exists()
+    assert runner._cell("unstructured/a/m/s0.8/seed0.json", lambda: {"iou": 0.5}) == {"iou": 0.5}
+    # a finished cell is read back, never recomputed
+    assert runner._cell("unstructured/a/m/s0.8/seed0.json", crash) == {"iou": 0.5}
+    assert calls == ["crash"]
+    assert json.loads((tmp_path / "config.json").read_text())["seeds"] == [0]
+    jobs = list(runner.jobs())
+    assert sum(k == "unstructured" for k, _ in jobs) == 2 * 3 * len(METHODS)
+    assert sum(k == "structured" for k, _ in jobs) == 2 * 2 * 4
+
+
+def test_runner_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="sparsities"):
+        Runner(ReproduceConfig(out_dir=str(tmp_path), sparsities=(1.0,)))
+    with pytest.raises(ValueError, match="unknown methods"):
+        Runner(ReproduceConfig(out_dir=str(tmp_path), methods=("obd",)))
