@@ -102,7 +102,9 @@ def test_runner_cells_are_atomic_and_resume(tmp_path: Path) -> None:
     assert calls == ["crash"]
     assert json.loads((tmp_path / "config.json").read_text())["seeds"] == [0]
     jobs = list(runner.jobs())
-    assert sum(k == "unstructured" for k, _ in jobs) == 2 * 3 * len(METHODS)
+    assert len({a for k, a in jobs if k == "unstructured"}) == 2 * 3 * len(METHODS)
+    # the ablation reuses the main grid's alpha = beta = 1 cells and adds the other betas
+    assert sum(k == "ablation" for k, _ in jobs) == 3 * 4
     assert sum(k == "structured" for k, _ in jobs) == 2 * 2 * 4
 
 

@@ -67,9 +67,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--seeds", type=_ints, default=(0, 1, 2))
     a.add_argument("--structured-ratios", type=_floats, default=(0.3, 0.5))
     a.add_argument("--betas", type=_floats, default=(0.0, 0.5, 1.0, 2.0, 4.0), help="beta/alpha ablation")
+    a.add_argument(
+        "--structured-methods",
+        type=lambda t: tuple(t.split(",")),
+        default=None,
+        help="default magnitude,snip,prospr,altermoma",
+    )
+    a.add_argument("--ablation-pair", default=None, help="default: the first of --pairs")
+    a.add_argument("--ablation-sparsities", type=_floats, default=None, help="default: --sparsities")
     a.add_argument("--train-size", type=int, default=192)
     a.add_argument("--val-size", type=int, default=64)
-    a.add_argument("--finetune-steps", type=int, default=40)
+    a.add_argument("--finetune-steps", type=int, default=25)
     a.add_argument("--reference-steps", type=int, default=200)
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=run_altermoma)

@@ -45,7 +45,8 @@ class ReproduceConfig:
     structured_methods: tuple[str, ...] = ("magnitude", "snip", "prospr", "altermoma")
     structured_ratios: tuple[float, ...] = (0.3, 0.5)
     ablation_betas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
-    ablation_pair: str = "camera,lidar"
+    ablation_pair: str | None = None  # default: the first pair; beta = 1 reuses the main grid's cells
+    ablation_sparsities: tuple[float, ...] | None = None  # default: ``sparsities``
     train_size: int = 192
     val_size: int = 64
     data_seed: int = 0
@@ -57,7 +58,7 @@ class ReproduceConfig:
     reference_batch: int = 4
     reference_lr: float = 3e-3
     batch_size: int = 2
-    finetune_steps: int = 40
+    finetune_steps: int = 25
     finetune_lr: float = 1e-3
     method_options: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
@@ -80,7 +81,7 @@ class ReproduceConfig:
             raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}")
         if not self.seeds:
             raise ValueError("seeds is empty")
-        if self.ablation_pair and self.ablation_pair not in self.pairs:
+        if self.ablation_pair is not None and self.ablation_pair not in self.pairs:
             raise ValueError(f"ablation_pair {self.ablation_pair!r} is not one of pairs {list(self.pairs)}")
 
 
@@ -276,10 +277,13 @@ class Runner:
                 for ratio in c.structured_ratios:
                     for method in c.structured_methods:
                         yield "structured", (pair, method, ratio, seed)
-            if c.ablation_pair:
-                for rho in c.sparsities:
-                    for beta in c.ablation_betas:
-                        yield "ablation", (c.ablation_pair, "altermoma", rho, seed, beta)
+            pair = c.ablation_pair or c.pairs[0]
+            for rho in c.ablation_sparsities or c.sparsities:
+                for beta in c.ablation_betas:
+                    if beta == 1.0:  # alpha = beta = 1 is the main grid's AlterMOMA cell
+                        yield "unstructured", (pair, "altermoma", rho, seed)
+                    else:
+                        yield "ablation", (pair, "altermoma", rho, seed, beta)
 
     def run(self) -> None:
         from tqdm import tqdm
@@ -360,6 +364,11 @@ def plot_ablation(out_dir: str | Path, path: str | Path) -> Path | None:
     cells = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("ablation/*/*/*/*.json"))]
     if not cells:
         return None
+    pair = cells[0]["pair"]
+    for p in sorted(Path(out_dir).glob(f"unstructured/{_slug(pair)}/altermoma/*/*.json")):
+        main = json.loads(p.read_text())
+        if main["sparsity"] in {c["sparsity"] for c in cells}:
+            cells.append({**main, "beta": 1.0})
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for rho in sorted({c["sparsity"] for c in cells}):
         betas = sorted({c["beta"] for c in cells if c["sparsity"] == rho})
@@ -367,7 +376,7 @@ def plot_ablation(out_dir: str | Path, path: str | Path) -> Path | None:
         ax.plot(betas, [100 * v for v in ious], marker="o", label=f"{100 * rho:g}%")
     ax.set_xlabel("β / α")
     ax.set_ylabel("val IoU (%)")
-    ax.set_title(f"AlterMOMA ablation ({cells[0]['pair']})")
+    ax.set_title(f"AlterMOMA ablation ({pair})")
     ax.legend(title="sparsity")
     fig.tight_layout()
     atomic_save_with(path, lambda p: fig.savefig(p, dpi=120))
