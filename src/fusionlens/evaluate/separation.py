@@ -1,0 +1,286 @@
+"""Perturbation metrics of modality separation (LMD appendix D.2, eqs. 14-15).
+
+For every modality ``m`` and every perturbed modality ``p``: the Pearson correlation (PCC, eq. 14) and mean squared
+error (MSE, eq. 15) between modality ``m``'s prediction map with clean inputs and with modality ``p``'s input
+replaced by that of the sample at offset ``(k + s*j) mod N``, ``j = 1..count``. ``p == m`` should change the map
+(low PCC: "Rp/R"), ``p != m`` should leave it alone (PCC 1: "Rp/C"). Values are averaged over ``j`` per anchor sample,
+then reported as mean ± std over the anchor samples.
+
+Two modes for LMD-type methods (see :mod:`fusionlens.evaluate.baselines`):
+
+* **frozen** -- the perturbed input goes through the network *linearized at the clean input* (coefficients
+  recorded on the clean pass, ``decompose(..., coefficients=...)``). This is what the paper's code measures; the
+  unperturbed modality's component cannot change, so ``Rp/C = Cp/R = 1`` by construction.
+* **recomputed** -- a full decomposition of the perturbed input: what a user actually gets.
+
+Methods see the model at a *level*: ``"fusion"`` (default for the reference models) feeds each modality's BEV map
+at the fusion layer (``model.bev_features``) to ``model.decode`` -- exactly the decomposition of the full model
+with ``bias="local"`` (every constant in a single-modality branch belongs to that modality), at a fraction of the
+cost, and the level where the zero/mean baselines of Shapley and the naive split are meaningful; ``"input"`` feeds
+the raw sensor tensors. Replacing a modality replaces its calibration / valid masks too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from fusionlens.data.collate import collate_samples
+from fusionlens.models.fusion import MODALITY_KWARGS, batch_to_inputs
+from fusionlens.train.distributed import DistInfo, all_gather_objects
+
+LEVELS = ("fusion", "input")
+LETTERS = {"camera": "C", "radar": "R", "lidar": "L"}
+DEFAULT_COUNT = 12  # appendix D.2: m = 1..12
+
+
+class DecodeView(nn.Module):
+    """``model.decode`` as a module whose keyword inputs are the modalities' BEV maps at the fusion layer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.training = model.training  # decompose() switches both to eval mode and restores them
+
+    def forward(self, **bev: torch.Tensor) -> Any:
+        return self.model.decode(bev)
+
+
+@dataclass
+class Prepared:
+    """One sample as a method consumes it: modality tensors and the constant keyword arguments."""
+
+    inputs: dict[str, torch.Tensor]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Subject:
+    """A model seen at one level (``"fusion"`` or ``"input"``, module docstring): prepares samples, swaps a
+    modality for another sample's, and names the module that methods decompose or run."""
+
+    def __init__(self, model: nn.Module, level: str = "fusion") -> None:
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        modalities = getattr(model, "modalities", None)
+        if modalities is None:
+            raise ValueError(f"{type(model).__name__} has no 'modalities' attribute (a fusionlens FusionModel?)")
+        if level == "fusion" and not (hasattr(model, "bev_features") and hasattr(model, "decode")):
+            raise ValueError("level='fusion' needs a model with bev_features() and decode(); use level='input'")
+        self.model, self.level = model, level
+        self.modalities: tuple[str, ...] = tuple(modalities)
+        self.module: nn.Module = DecodeView(model) if level == "fusion" else model
+
+    def check_modality(self, name: str, setting: str = "modality") -> None:
+        if name not in self.modalities:
+            raise ValueError(f"{setting} {name!r} is not a modality of the model ({list(self.modalities)})")
+
+    def prepare(self, batch: dict[str, Any]) -> Prepared:
+        """The batch's inputs at this subject's level."""
+        inputs, kwargs = batch_to_inputs(self.model, batch)
+        if self.level == "input":
+            return Prepared(inputs, kwargs)
+        with torch.no_grad(), eval_mode(self.model):
+            bev = self.model.bev_features(**inputs, **kwargs)
+        return Prepared({m: bev[m] for m in self.modalities}, {})
+
+    def swap(self, clean: Prepared, partner: Prepared, modality: str) -> Prepared:
+        """``clean`` with ``modality`` (and its calibration / valid mask) taken from ``partner``."""
+        self.check_modality(modality)
+        inputs = {**clean.inputs, modality: partner.inputs[modality]}
+        kwargs = dict(clean.kwargs)
+        for key in MODALITY_KWARGS.get(modality, ()):
+            if key in partner.kwargs:
+                kwargs[key] = partner.kwargs[key]
+        return Prepared(inputs, kwargs)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Evaluation behaviour for the block; every submodule's training flag restored afterwards."""
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+class Method(Protocol):
+    """An attribution method: per-modality maps (plus ``"bias"`` where it has one) of one output, for a clean
+    input (returning a state, e.g. frozen coefficients) and for perturbed inputs given that state."""
+
+    name: str
+
+    def clean(self, subject: Subject, x: Prepared) -> tuple[dict[str, torch.Tensor], Any]: ...
+
+    def perturbed(self, subject: Subject, x: Prepared, state: Any) -> dict[str, torch.Tensor]: ...
+
+
+def pairing_offsets(n: int, count: int = DEFAULT_COUNT, stride: int | None = None) -> list[int]:
+    """Offsets ``s*j mod n`` for ``j = 1..count`` (stride ``s`` defaults to ``n // 13``); all must be distinct and
+    non-zero, so that every anchor is compared with ``count`` different other samples."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    s = n // (DEFAULT_COUNT + 1) if stride is None else stride
+    if s < 1:
+        raise ValueError(f"stride must be >= 1; with the default stride N // 13 the dataset needs at least 13 "
+                         f"samples, got N = {n} (pass a stride)")
+    offsets = [(s * j) % n for j in range(1, count + 1)]
+    if 0 in offsets or len(set(offsets)) != count:
+        raise ValueError(f"too few samples for the offsets: N = {n}, stride = {s}, count = {count} give repeated or "
+                         f"zero offsets {offsets}; use more samples, a smaller count or another stride")
+    return offsets
+
+
+def pcc(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two maps flattened (eq. 14); NaN when either is constant."""
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return float((a * b).sum()) / den if den > 0 else math.nan
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean squared difference over the map's pixels (eq. 15)."""
+    return float((a.double() - b.double()).pow(2).mean())
+
+
+def _nan_stats(values: Sequence[float]) -> tuple[float, float, int]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan, 0
+    t = torch.tensor(vals, dtype=torch.float64)
+    return float(t.mean()), float(t.std(unbiased=False)), len(vals)
+
+
+@dataclass
+class SeparationResult:
+    """Per-anchor PCC/MSE (averaged over the ``count`` partners) for every (perturbed p, modality m) pair."""
+
+    method: str
+    modalities: tuple[str, ...]
+    perturbed: tuple[str, ...]
+    count: int
+    stride: int
+    n: int
+    anchors: list[int]
+    pcc: list[dict[str, float]]  # one dict per anchor: "Rp/C" -> value
+    mse: list[dict[str, float]]
+
+    @property
+    def keys(self) -> list[str]:
+        return [metric_key(p, m) for p in self.perturbed for m in self.modalities]
+
+    def summary(self) -> dict[str, dict[str, tuple[float, float, int]]]:
+        """metric ("pcc" / "mse") -> key -> (mean, std, number of defined anchors)."""
+        return {name: {k: _nan_stats([row[k] for row in rows]) for k in self.keys}
+                for name, rows in (("pcc", self.pcc), ("mse", self.mse))}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "modalities": list(self.modalities), "perturbed": list(self.perturbed),
+                "count": self.count,
+                "stride": self.stride, "n": self.n, "anchors": self.anchors, "pcc": self.pcc, "mse": self.mse,
+                "summary": {k: {kk: list(v) for kk, v in d.items()} for k, d in self.summary().items()}}
+
+    def to_markdown(self) -> str:
+        s = self.summary()
+        head = "| metric | " + " | ".join(self.keys) + " |\n|---|" + "---|" * len(self.keys)
+        rows = [f"| {name.upper()} | " + " | ".join(f"{s[name][k][0]:.3f} ± {s[name][k][1]:.3f}" for k in self.keys)
+                + " |" for name in ("pcc", "mse")]
+        return "\n".join([head, *rows])
+
+
+def metric_key(perturbed: str, modality: str) -> str:
+    """``"Rp/C"``: camera's map when radar is perturbed."""
+    return f"{LETTERS.get(perturbed, perturbed)}p/{LETTERS.get(modality, modality)}"
+
+
+class _SampleCache:
+    """Prepared samples by index, keeping the most recent ``capacity`` (partners of nearby anchors overlap)."""
+
+    def __init__(self, subject: Subject, dataset: Dataset, capacity: int) -> None:
+        self.subject, self.dataset, self.capacity = subject, dataset, capacity
+        self.items: OrderedDict[int, Prepared] = OrderedDict()
+
+    def __getitem__(self, index: int) -> Prepared:
+        if index in self.items:
+            self.items.move_to_end(index)
+            return self.items[index]
+        x = self.subject.prepare(collate_samples([self.dataset[index]]))
+        self.items[index] = x
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+        return x
+
+
+def _anchor_metrics(subject: Subject, method: Method, cache: _SampleCache, k: int, offsets: list[int], n: int,
+                    perturbed: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
+    clean_x = cache[k]
+    clean, state = method.clean(subject, clean_x)
+    pccs: dict[str, list[float]] = {}
+    mses: dict[str, list[float]] = {}
+    for off in offsets:
+        partner = cache[(k + off) % n]
+        for p in perturbed:
+            maps = method.perturbed(subject, subject.swap(clean_x, partner, p), state)
+            for m in subject.modalities:
+                key = metric_key(p, m)
+                pccs.setdefault(key, []).append(pcc(clean[m], maps[m]))
+                mses.setdefault(key, []).append(mse(clean[m], maps[m]))
+    return ({key: _nan_stats(v)[0] for key, v in pccs.items()}, {key: _nan_stats(v)[0] for key, v in mses.items()})
+
+
+def perturbation_metrics(
+    model: nn.Module,
+    dataset: Dataset,
+    method: Method,
+    *,
+    count: int = DEFAULT_COUNT,
+    stride: int | None = None,
+    anchors: Sequence[int] | None = None,
+    perturbed: Sequence[str] | None = None,
+    level: str = "fusion",
+    info: DistInfo | None = None,
+    progress: bool = True,
+) -> SeparationResult:
+    """PCC/MSE of appendix D.2 for ``method`` over ``dataset`` (module docstring).
+
+    Args:
+        anchors: the samples ``k`` to evaluate (default all); partners are drawn from the whole dataset.
+        perturbed: modalities to perturb (default all of the model's).
+        info: under torchrun, each rank evaluates every ``world_size``-th anchor and the per-anchor numbers are
+            gathered, so every rank returns exactly the single-process result.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    offsets = pairing_offsets(n, count, stride)
+    subject = Subject(model, level)
+    perturbed = list(subject.modalities if perturbed is None else perturbed)
+    for p in perturbed:
+        subject.check_modality(p, "perturbed modality")
+    anchors = list(range(n)) if anchors is None else [int(a) for a in anchors]
+    bad = [a for a in anchors if not 0 <= a < n]
+    if bad or not anchors:
+        raise ValueError(f"anchors must be non-empty indices in [0, {n}), got {bad or anchors}")
+    info = info or DistInfo()
+    mine = anchors[info.rank::info.world_size]
+    cache = _SampleCache(subject, dataset, capacity=len(offsets) + 2)
+    rows: list[tuple[int, dict[str, float], dict[str, float]]] = []
+    bar = tqdm(mine, desc=f"separation {method.name}", disable=not progress or not info.is_main, leave=False)
+    for k in bar:
+        rows.append((k, *_anchor_metrics(subject, method, cache, k, offsets, n, perturbed)))
+    gathered = [row for part in all_gather_objects(info, rows) for row in part]
+    order = {a: i for i, a in enumerate(anchors)}
+    gathered.sort(key=lambda r: order[r[0]])
+    s = n // (DEFAULT_COUNT + 1) if stride is None else stride
+    return SeparationResult(method.name, subject.modalities, tuple(perturbed), count, s, n,
+                            [r[0] for r in gathered], [r[1] for r in gathered], [r[2] for r in gathered])
