@@ -17,6 +17,7 @@ from fusionlens.prune.altermoma import AlterMOMA
 from fusionlens.prune.baselines import IMP, SNIP, MagnitudeImportance, RandomImportance, SynFlow
 from fusionlens.prune.params import prunable_parameters
 from fusionlens.prune.prospr import ProsPr
+from prune_tiny import TinyFusion
 
 
 class LinearFusion(nn.Module):
@@ -69,9 +70,7 @@ def weights(model: LinearFusion) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     )
 
 
-def hand_reri(
-    model: LinearFusion, batch: dict, masked: str, steps: int, lr: float
-) -> dict[str, torch.Tensor]:
+def hand_reri(model: LinearFusion, batch: dict, masked: str, steps: int, lr: float) -> dict[str, torch.Tensor]:
     """Eq. 10/26/34-35 by hand: B SGD steps with backbone ``masked`` at zero, then |theta_0 (g_0 - g_B)|."""
     A, Bm, w = weights(model)
     theta0 = {"camera.weight": A.clone(), "lidar.weight": Bm.clone(), "fuse.weight": w.clone()}
@@ -120,12 +119,8 @@ def test_deci_reri_altereva_match_hand_computation() -> None:
         return x / x.sum()
 
     # eq. 11 (camera: ReRI from masking LiDAR), eq. 12, eq. 13 (fusion: beta/2 twice)
-    torch.testing.assert_close(
-        scores["camera.weight"], norm(deci["camera.weight"]) - norm(reri_l["camera.weight"])
-    )
-    torch.testing.assert_close(
-        scores["lidar.weight"], norm(deci["lidar.weight"]) - norm(reri_c["lidar.weight"])
-    )
+    torch.testing.assert_close(scores["camera.weight"], norm(deci["camera.weight"]) - norm(reri_l["camera.weight"]))
+    torch.testing.assert_close(scores["lidar.weight"], norm(deci["lidar.weight"]) - norm(reri_c["lidar.weight"]))
     fusion = norm(deci["fuse.weight"]) - 0.5 * norm(reri_l["fuse.weight"]) - 0.5 * norm(reri_c["fuse.weight"])
     torch.testing.assert_close(scores["fuse.weight"], fusion)
     # Scoring cost: 1 + M (B + 1) = 2B + 3 backward passes for two modalities.
@@ -140,16 +135,12 @@ def test_alpha_beta_weighting_and_beta_zero_is_deci() -> None:
     m = AlterMOMA(loss_fn, [batch], **kw)
     m(model, NAMES)
     for n in NAMES:
-        torch.testing.assert_close(
-            only_deci[n], 2.0 * m.last_indicators.deci[n] / m.last_indicators.deci[n].sum()
-        )
+        torch.testing.assert_close(only_deci[n], 2.0 * m.last_indicators.deci[n] / m.last_indicators.deci[n].sum())
 
 
 def test_three_modalities_average_reri_terms() -> None:
     torch.manual_seed(0)
-    model = nn.ModuleDict(
-        {"a": nn.Linear(2, 2), "b": nn.Linear(2, 2), "c": nn.Linear(2, 2), "f": nn.Linear(6, 1)}
-    )
+    model = nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2), "c": nn.Linear(2, 2), "f": nn.Linear(6, 1)})
 
     def loss3(mod: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         h = torch.cat([mod["a"](batch), mod["b"](batch), mod["c"](batch)], -1)
@@ -166,9 +157,7 @@ def test_three_modalities_average_reri_terms() -> None:
     def norm(x: torch.Tensor) -> torch.Tensor:
         return x / x.sum()
 
-    exp_a = norm(ind.deci["a.weight"]) - 0.5 * (
-        norm(ind.reri["b"]["a.weight"]) + norm(ind.reri["c"]["a.weight"])
-    )
+    exp_a = norm(ind.deci["a.weight"]) - 0.5 * (norm(ind.reri["b"]["a.weight"]) + norm(ind.reri["c"]["a.weight"]))
     torch.testing.assert_close(s["a.weight"], exp_a)
     exp_f = norm(ind.deci["f.weight"]) - sum(norm(ind.reri[m]["f.weight"]) for m in "abc") / 3
     torch.testing.assert_close(s["f.weight"], exp_f)
@@ -220,6 +209,18 @@ def test_synflow_iterations_prune_progressively() -> None:
 
 def ones_inputs() -> dict[str, torch.Tensor]:
     return {"camera": torch.zeros(1, 2, dtype=torch.float64), "lidar": torch.zeros(1, 2, dtype=torch.float64)}
+
+
+def test_synflow_flows_through_instance_norm() -> None:
+    """An InstanceNorm would erase the constant all-ones signal; SynFlow reduces it to its affine part, so the
+    backbones still get scores, and the user's model keeps its InstanceNorm."""
+    torch.manual_seed(0)
+    model = TinyFusion()
+    model.fuse = nn.Sequential(nn.Conv2d(8, 4, 1), nn.InstanceNorm2d(4, affine=True))
+    names = prunable_parameters(model)
+    s = SynFlow(lambda: {"camera": torch.zeros(1, 2, 6, 6), "lidar": torch.zeros(1, 2, 6, 6)}, 1)(model, names)
+    assert all(float(s[n].sum()) > 0 for n in names)
+    assert isinstance(model.fuse[1], nn.InstanceNorm2d)
 
 
 def _hand_loss_after_inner_step(model: LinearFusion, batch: dict, c: dict, lr: float) -> torch.Tensor:

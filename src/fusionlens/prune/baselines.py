@@ -142,12 +142,44 @@ def _ones_like_inputs(inputs: Any, keep: Sequence[str] = ()) -> Any:
     return inputs
 
 
+class _AffineOnly(nn.Module):
+    """A normalisation layer reduced to its affine part (``x * weight + bias``), same parameter names."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight = getattr(norm, "weight", None)
+        self.bias = getattr(norm, "bias", None)
+        self.channel_dim = not isinstance(norm, nn.LayerNorm)  # LayerNorm's affine spans the trailing dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if self.channel_dim:
+            shape = (-1,) + (1,) * (x.dim() - 2)
+            w = None if w is None else w.reshape(shape)
+            b = None if b is None else b.reshape(shape)
+        x = x if w is None else x * w
+        return x if b is None else x + b
+
+
+def _statistics_free(model: nn.Module) -> nn.Module:
+    """Replace normalisations that use the *input's* statistics even in eval mode (InstanceNorm without
+    running statistics, GroupNorm, LayerNorm) by their affine part: on SynFlow's constant all-ones signal they
+    would subtract the mean and erase the flow. BatchNorm in eval mode is already affine and stays."""
+    kinds = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, kinds) and not getattr(child, "track_running_stats", False):
+                setattr(module, child_name, _AffineOnly(child))
+    return model
+
+
 class SynFlow(Importance):
     """SynFlow (Tanaka et al. 2020), data-free and iterative.
 
     Each of ``iterations`` rounds: take the absolute value of every floating parameter and buffer (signs saved
-    and restored afterwards), put normalisation layers in eval mode (BatchNorm/InstanceNorm would otherwise
-    normalise the all-ones signal away), feed an all-ones input in float64, ``R = sum(outputs)`` and score
+    and restored afterwards), put BatchNorm in eval mode and reduce input-statistics normalisations
+    (InstanceNorm, GroupNorm, LayerNorm) to their affine part, which would otherwise normalise the all-ones
+    signal away, feed an all-ones input in float64, ``R = sum(outputs)`` and score
     ``|theta * dR/dtheta|``; then keep the top ``(1 - rho)^(k / iterations)`` fraction (exponential schedule).
     ``input_factory()`` returns example inputs (tensor, tuple or dict of keyword inputs); only their shapes
     and non-float entries (validity masks) are used, and the dict entries named in ``keep_inputs`` (e.g.
@@ -183,7 +215,7 @@ class SynFlow(Importance):
         return out
 
     def scores(self, model: nn.Module, names: list[str], sparsity: float) -> Scores:
-        work = clone_model(model).double().eval()
+        work = _statistics_free(clone_model(model)).double().eval()
         inputs = _ones_like_inputs(self.input_factory(), self.keep_inputs)
         params = named_parameters(work)
         alive = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
