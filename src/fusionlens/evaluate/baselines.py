@@ -49,7 +49,8 @@ def pick(out: Any, output: str) -> torch.Tensor:
     raise ValueError(f"cannot pick output {output!r} from a {type(out).__name__}")
 
 
-def _call(subject: Subject, x: Prepared) -> Any:
+def run_forward(subject: Subject, x: Prepared) -> Any:
+    """The subject module's plain output for ``x`` (eval mode, no grad)."""
     with torch.no_grad(), eval_mode(subject.module):
         return subject.module(**x.inputs, **x.kwargs)
 
@@ -147,7 +148,7 @@ class Shapley(_Baselined):
         self.name = f"shapley[{baseline}]"
 
     def attribute(self, subject: Subject, x: Prepared) -> dict[str, torch.Tensor]:
-        return exact_shapley(list(x.inputs), lambda s: pick(_call(subject, self.coalition(x, s)), self.output))
+        return exact_shapley(list(x.inputs), lambda s: pick(run_forward(subject, self.coalition(x, s)), self.output))
 
     def clean(self, subject: Subject, x: Prepared) -> tuple[dict[str, torch.Tensor], Any]:
         return self.attribute(subject, x), None
@@ -220,7 +221,7 @@ class Captum(_Baselined):
 
         def forward(gates: torch.Tensor) -> torch.Tensor:
             mixed = {m: base[m] + gates[0, i] * (x.inputs[m] - base[m]) for i, m in enumerate(names)}
-            out = pick(_call(subject, Prepared(mixed, x.kwargs)), self.output)
+            out = pick(run_forward(subject, Prepared(mixed, x.kwargs)), self.output)
             shape[:] = [out.shape]
             return out.reshape(-1)  # a fixed-size map: Captum's aggregate-output mode, one value per pixel
 
