@@ -10,7 +10,6 @@ would, and together with the restored RNG, optimizer and scheduler state reprodu
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -391,7 +390,3 @@ def train(
             },
         )
     return TrainResult(ckpt_path, losses, metrics, seconds, train_config.steps)
-
-
-def finite_or_nan(values: dict[str, float]) -> dict[str, float]:
-    return {k: (v if math.isfinite(v) else float("nan")) for k, v in values.items()}
