@@ -50,16 +50,22 @@ def run_altermoma(args: argparse.Namespace) -> int:
 
 
 def run_lmd(args: argparse.Namespace) -> int:
+    import torch
+
     from fusionlens.evaluate.reproduce_lmd import LMDReproduceConfig, LMDRunner, summarise
+    from fusionlens.train.distributed import init_distributed
 
     cfg = LMDReproduceConfig(out_dir=args.out, checkpoints=args.checkpoints, pairs=args.pairs, seeds=args.seeds,
                              val_size=args.val_size, anchors=args.anchors, count=args.count, stride=args.stride,
-                             attribution_samples=args.attribution_samples)
+                             attribution_samples=args.attribution_samples, data=args.data)
     if args.methods:
         cfg.methods = args.methods
     if args.attribution_methods is not None:
         cfg.attribution_methods = args.attribution_methods
-    LMDRunner(cfg, progress=not args.no_progress).run()
+    info = init_distributed(torch.device("cpu"))  # under torchrun: anchors and samples sharded over the ranks
+    LMDRunner(cfg, progress=not args.no_progress, info=info).run()
+    if not info.is_main:
+        return 0
     table = summarise(args.out)
     atomic_write_text(Path(args.out) / "results.md", table + "\n")
     print(table)
@@ -108,7 +114,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="comma-separated: naive, lmd:<rules>, shapley[-mean], lmd+shap, captum-sampling, ...")
     lmd.add_argument("--attribution-methods", type=lambda t: tuple(v for v in t.split(",") if v), default=None)
     lmd.add_argument("--seeds", type=_ints, default=(0, 1, 2))
-    lmd.add_argument("--val-size", type=int, default=130, help="N of the pairing k + s*j mod N")
+    lmd.add_argument("--val-size", type=int, default=128, help="N of the pairing k + s*j mod N")
+    lmd.add_argument("--data", choices=("builtin", "synthetic"), default="builtin")
     lmd.add_argument("--anchors", type=int, default=6, help="anchor samples per seed")
     lmd.add_argument("--count", type=int, default=12, help="partners per anchor (appendix: 12)")
     lmd.add_argument("--stride", type=int, default=None, help="pairing stride s (default N // 13)")

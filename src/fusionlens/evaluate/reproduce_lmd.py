@@ -27,6 +27,7 @@ from fusionlens.evaluate.attribution import attribute_objects, summarise_attribu
 from fusionlens.evaluate.baselines import feature_means, make_method
 from fusionlens.evaluate.separation import LETTERS, Subject, metric_key, pairing_offsets, perturbation_metrics
 from fusionlens.io import atomic_write_json
+from fusionlens.train.distributed import DistInfo, all_gather_objects, barrier
 
 PAIRS = {"camera_radar": ("camera", "radar"), "camera_lidar": ("camera", "lidar"),
          "camera_radar_lidar": ("camera", "radar", "lidar")}
@@ -75,11 +76,12 @@ class LMDReproduceConfig:
                                 *SPLITTING, "shapley", "lmd+shap")
     modes: tuple[str, ...] = ("frozen", "recomputed")
     attribution_methods: tuple[str, ...] = ATTRIBUTION
-    val_size: int = 130  # N; partners are k + s*j mod N
+    val_size: int = 128  # N; partners are k + s*j mod N (128: the reference models' validation cache)
     anchors: int = 6  # anchor samples per seed
     count: int = 12
     stride: int | None = None  # default N // 13
     attribution_samples: int = 16  # samples per seed for ground-truth attribution
+    data: str = "builtin"  # or "synthetic" (smoke runs and tests; it has no visibility truth for attribution)
     data_seed: int = 0
     only_pairs_methods: dict[str, tuple[str, ...]] = field(default_factory=dict)  # pair -> methods subset
 
@@ -94,6 +96,8 @@ class LMDReproduceConfig:
         pairing_offsets(self.val_size, self.count, self.stride)  # too few samples -> a clear error now
         for spec in (*self.methods, *self.attribution_methods):
             make_method(spec, means={} if spec.endswith("-mean") else None)  # unknown names fail before work
+        if self.data not in ("builtin", "synthetic"):
+            raise ValueError(f"data must be 'builtin' or 'synthetic', got {self.data!r}")
         bad = [m for m in self.modes if m not in ("frozen", "recomputed")]
         if bad:
             raise ValueError(f"modes: unknown {bad}")
@@ -104,9 +108,12 @@ def _spec_id(spec: str) -> str:
 
 
 class LMDRunner:
-    def __init__(self, config: LMDReproduceConfig, progress: bool = True) -> None:
+    """Computes the missing cells; under torchrun every rank takes part in each cell (anchors / samples sharded)
+    and rank 0 writes it, so the cells equal a single-process run."""
+
+    def __init__(self, config: LMDReproduceConfig, progress: bool = True, info: DistInfo | None = None) -> None:
         config.check()
-        self.cfg, self.progress = config, progress
+        self.cfg, self.progress, self.info = config, progress, info or DistInfo()
         self.root = Path(config.out_dir)
 
     def checkpoint(self, pair: str, seed: int) -> tuple[Path, bool]:
@@ -137,15 +144,20 @@ class LMDRunner:
         return self.root / "cells" / pair / f"seed{seed}" / f"{_spec_id(spec)}__{mode}.json"
 
     def run(self) -> None:
-        from fusionlens.data.builtin import BuiltinWorld
         from fusionlens.train.checkpoint import load_model
+        from fusionlens.train.data import open_dataset
 
-        todo = [c for c in self.cells() if not self.path(*c).is_file()]
+        # every rank must see the same list: decide on rank 0's view of the disk
+        todo = all_gather_objects(self.info, [c for c in self.cells() if not self.path(*c).is_file()])[0]
         if not todo:
             return
-        data = BuiltinWorld("val", size=self.cfg.val_size, seed=self.cfg.data_seed, progress=self.progress)
+        data = open_dataset(self.cfg.data, "val", size=self.cfg.val_size, seed=self.cfg.data_seed,
+                            progress=self.progress and self.info.is_main)
+        if len(data) != self.cfg.val_size:
+            raise ValueError(f"the {self.cfg.data} val split has {len(data)} samples, not val_size={self.cfg.val_size}")
+        show = self.progress and self.info.is_main
         loaded: dict[tuple[str, int], Any] = {}
-        for pair, seed, spec, mode in tqdm(todo, desc="reproduce lmd", disable=not self.progress):
+        for pair, seed, spec, mode in tqdm(todo, desc="reproduce lmd", disable=not show):
             if (pair, seed) not in loaded:
                 loaded.clear()
                 path, per_seed = self.checkpoint(pair, seed)
@@ -159,7 +171,7 @@ class LMDRunner:
                 method_spec = spec.split(":", 1)[1]
                 indices = sorted(rng.sample(range(self.cfg.val_size), self.cfg.attribution_samples))
                 rows = attribute_objects(model, data, make_method(method_spec, means=self._means(model, data, cache)),
-                                         indices=indices, progress=False)
+                                         indices=indices, info=self.info, progress=False)
                 record["samples"] = indices
                 record["objects"] = [asdict(r) | {"correct": r.correct} for r in rows]
                 record["summary"] = summarise_attribution(rows, model.modalities)
@@ -167,9 +179,11 @@ class LMDRunner:
                 anchors = sorted(rng.sample(range(self.cfg.val_size), self.cfg.anchors))
                 method = make_method(spec, mode=mode, means=self._means(model, data, cache))
                 res = perturbation_metrics(model, data, method, count=self.cfg.count, stride=self.cfg.stride,
-                                           anchors=anchors, progress=False)
+                                           anchors=anchors, info=self.info, progress=False)
                 record["result"] = res.to_dict()
-            atomic_write_json(self.path(pair, seed, spec, mode), record)
+            if self.info.is_main:
+                atomic_write_json(self.path(pair, seed, spec, mode), record)
+        barrier(self.info)
 
     def _means(self, model: Any, data: Any, cache: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         if any(s.endswith("-mean") for s in (*self.cfg.methods, *self.cfg.attribution_methods)):
