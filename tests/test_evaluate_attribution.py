@@ -54,7 +54,8 @@ def test_single_sensor_objects_from_visibility_truth():
     assert single_sensor_objects(s, ["camera", "radar"]) == [(0, "camera"), (1, "radar")]  # 3: both; 2, 4: none
     assert single_sensor_objects(s, ["camera", "radar", "lidar"]) == [(0, "camera"), (1, "radar"), (2, "lidar")]
     # object 3 has 3 camera pixels: below 6 it counts as unseen by the camera, so radar alone saw it
-    assert single_sensor_objects(s, ["camera", "radar"], Visibility(min_camera_pixels=6)) == [(1, "radar"), (3, "radar")]
+    strict = Visibility(min_camera_pixels=6)
+    assert single_sensor_objects(s, ["camera", "radar"], strict) == [(1, "radar"), (3, "radar")]
     with pytest.raises(ValueError, match="visibility truth"):
         single_sensor_objects(base, ["camera", "radar"])
 
