@@ -51,7 +51,8 @@ def test_reference_model_hooks_removed_and_flags_restored():
     model = build_model(preset_config("tiny", "camera,radar", **SMALL)).train()
     inputs, kwargs = batch_to_inputs(model, collate_samples([SyntheticDataset(1)[0]]))
     before = {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
-    cams = seg_grad_cam(model, inputs, kwargs, "fusion")
+    with pytest.warns(UserWarning, match="training mode"):  # decompose evaluates in eval mode and says so
+        cams = seg_grad_cam(model, inputs, kwargs, "fusion")
     assert {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()} == before
     assert all(m.training for m in model.modules())
     assert set(cams) == {"camera", "radar", "bias", "total"}
