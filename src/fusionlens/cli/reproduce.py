@@ -62,6 +62,11 @@ def run_lmd(args: argparse.Namespace) -> int:
         cfg.methods = args.methods
     if args.attribution_methods is not None:
         cfg.attribution_methods = args.attribution_methods
+    for item in args.pair_methods:
+        pair, sep, methods = item.partition("=")
+        if not sep or not methods:
+            raise ValueError(f"--pair-methods expects PAIR=METHOD,METHOD,..., got {item!r}")
+        cfg.only_pairs_methods[pair] = tuple(methods.split(","))
     info = init_distributed(torch.device("cpu"))  # under torchrun: anchors and samples sharded over the ranks
     LMDRunner(cfg, progress=not args.no_progress, info=info).run()
     if not info.is_main:
@@ -112,6 +117,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      default=("camera_radar", "camera_lidar", "camera_radar_lidar"))
     lmd.add_argument("--methods", type=lambda t: tuple(t.split(",")), default=None,
                      help="comma-separated: naive, lmd:<rules>, shapley[-mean], lmd+shap, captum-sampling, ...")
+    lmd.add_argument("--pair-methods", action="append", default=[], metavar="PAIR=M1,M2",
+                     help="methods for one pair instead of --methods (repeatable)")
     lmd.add_argument("--attribution-methods", type=lambda t: tuple(v for v in t.split(",") if v), default=None)
     lmd.add_argument("--seeds", type=_ints, default=(0, 1, 2))
     lmd.add_argument("--val-size", type=int, default=128, help="N of the pairing k + s*j mod N")

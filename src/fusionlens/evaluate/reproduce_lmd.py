@@ -38,7 +38,7 @@ BN_NORM = {"bn-uniform+norm-identity": "Uniform-Identity", "bn-identity+norm-ide
 SPLITTING = {"lmd:sum-splitting": "Sum-Splitting", "lmd:ratio-splitting": "Ratio-Splitting"}
 SHAP = {"shapley": "SHAP (exact, zero)", "shapley-mean": "SHAP (exact, mean)", "lmd+shap": "LMD + SHAP (zero)",
         "captum-sampling": "Captum ShapleyValueSampling", "captum-ablation": "Captum FeatureAblation"}
-ATTRIBUTION = ("lmd:paper", "naive", "shapley", "lmd+shap", "captum-sampling")
+ATTRIBUTION = ("lmd:paper", "naive", "shapley", "lmd+shap", "captum-ablation", "captum-sampling")
 # the paper's PCCs per pair (lmd-summary.md Tables 1-3, appendix Table 4) and Table 4's MSEs; "Xp/Y" = Y's map
 # with X perturbed. Table 2's Identity-Ratio row is the paper preset.
 PAPER: dict[str, dict[str, dict[str, float]]] = {
@@ -75,7 +75,7 @@ class LMDReproduceConfig:
     methods: tuple[str, ...] = (*ABLATION, *(f"lmd:{k}" for k in BN_NORM if k != "bn-identity+norm-ratio"),
                                 *SPLITTING, "shapley", "lmd+shap")
     modes: tuple[str, ...] = ("frozen", "recomputed")
-    attribution_methods: tuple[str, ...] = ATTRIBUTION
+    attribution_methods: tuple[str, ...] = ATTRIBUTION[:5]  # captum-sampling: 25 permutations x (M+1) forwards
     val_size: int = 128  # N; partners are k + s*j mod N (128: the reference models' validation cache)
     anchors: int = 6  # anchor samples per seed
     count: int = 12
@@ -86,7 +86,7 @@ class LMDReproduceConfig:
     only_pairs_methods: dict[str, tuple[str, ...]] = field(default_factory=dict)  # pair -> methods subset
 
     def check(self) -> None:
-        unknown = [p for p in self.pairs if p not in PAIRS]
+        unknown = [p for p in (*self.pairs, *self.only_pairs_methods) if p not in PAIRS]
         if unknown:
             raise ValueError(f"pairs: unknown {unknown}; choose from {list(PAIRS)}")
         if not self.seeds:
@@ -94,7 +94,8 @@ class LMDReproduceConfig:
         if self.anchors < 1 or self.anchors > self.val_size:
             raise ValueError(f"anchors must be in [1, val_size={self.val_size}], got {self.anchors}")
         pairing_offsets(self.val_size, self.count, self.stride)  # too few samples -> a clear error now
-        for spec in (*self.methods, *self.attribution_methods):
+        extra = [s for methods in self.only_pairs_methods.values() for s in methods]
+        for spec in (*self.methods, *extra, *self.attribution_methods):
             make_method(spec, means={} if spec.endswith("-mean") else None)  # unknown names fail before work
         if self.data not in ("builtin", "synthetic"):
             raise ValueError(f"data must be 'builtin' or 'synthetic', got {self.data!r}")
@@ -130,11 +131,11 @@ class LMDRunner:
         return shared, False
 
     def cells(self) -> list[tuple[str, int, str, str]]:
+        """Seed-major order, so that an interrupted run already holds whole seeds of every pair."""
         out = []
-        for pair in self.cfg.pairs:
-            methods = self.cfg.only_pairs_methods.get(pair, self.cfg.methods)
-            for seed in self.cfg.seeds:
-                for spec in methods:
+        for seed in self.cfg.seeds:
+            for pair in self.cfg.pairs:
+                for spec in self.cfg.only_pairs_methods.get(pair, self.cfg.methods):
                     modes = ("recomputed",) if spec in RANDOM_METHODS else self.cfg.modes
                     out += [(pair, seed, spec, mode) for mode in modes]
                 out += [(pair, seed, f"attribution:{spec}", "-") for spec in self.cfg.attribution_methods]
