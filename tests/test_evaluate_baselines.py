@@ -86,6 +86,14 @@ def test_lmd_shap_reduces_to_lmd_components(setup):
         torch.testing.assert_close(shap_mean[name], frozen.components[name]["seg"], atol=1e-5, rtol=0)
 
 
+def test_no_linearization_baseline_row(setup):
+    _, _, subject, x = setup
+    maps, _ = LMD("none", "recomputed").clean(subject, x)
+    assert set(maps) == {"camera", "radar", "bias"}
+    # components through the original nonlinear layers: the bias holds the (non-zero) interaction left over
+    torch.testing.assert_close(sum(maps.values()), _seg(subject, x.inputs), atol=1e-5, rtol=0)
+
+
 def test_lmd_shap_frozen_perturbation_keeps_other_modality(setup):
     _, data, subject, x = setup
     other = subject.prepare(collate_samples([data[4]]))
@@ -122,6 +130,8 @@ def test_bad_settings():
         Captum("integrated-gradients")
     with pytest.raises(ValueError, match="mode"):
         LMD("paper", "thawed")
+    with pytest.raises(ValueError, match="unknown rules"):
+        make_method("lmd:bn-magic")
     model = build_model(preset_config("tiny", "radar,lidar", **SMALL))
     with pytest.raises(ValueError, match="level='fusion'"):
         feature_means(Subject(model, "input"), SyntheticDataset(2))

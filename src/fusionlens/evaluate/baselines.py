@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from fusionlens import decompose
 from fusionlens.data.collate import collate_samples
+from fusionlens.decompose import PRESETS, LinearizationSettings
 from fusionlens.evaluate.separation import Prepared, Subject, eval_mode
 
 BASELINES = ("zero", "mean")
@@ -114,6 +115,16 @@ class _Baselined:
         return Prepared({m: (t if m in members else base[m]) for m, t in x.inputs.items()}, x.kwargs)
 
 
+def resolve(rules: str) -> Any:
+    """A decompose ``rules`` argument: a preset name, ``"naive"``, or ``"none"`` -- the paper's Table 1 baseline
+    row, neither activations nor norms linearized (each component through the original nonlinear layers)."""
+    if rules == "none":
+        return LinearizationSettings(linearize_activations=False, linearize_norms=False)
+    if rules != "naive" and rules not in PRESETS:
+        raise ValueError(f"unknown rules {rules!r}; choose from {sorted(PRESETS) + ['naive', 'none']}")
+    return rules
+
+
 class LMD:
     """LMD with a rules preset, in ``frozen`` or ``recomputed`` mode (``naive`` has only ``recomputed``)."""
 
@@ -122,7 +133,7 @@ class LMD:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if rules == "naive" and mode == "frozen":
             raise ValueError("rules='naive' has no linearization to freeze; use mode='recomputed'")
-        self.rules, self.mode, self.output = rules, mode, output
+        self.rules, self.mode, self.output = resolve(rules), mode, output
         self.name = f"lmd[{rules}]/{mode}" if rules != "naive" else "naive"
 
     def _maps(self, d: Any) -> dict[str, torch.Tensor]:
@@ -165,7 +176,7 @@ class LMDShap(_Baselined):
         super().__init__(baseline, means, output)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.rules, self.mode = rules, mode
+        self.rules, self.mode = resolve(rules), mode
         self.name = f"lmd+shap[{rules},{baseline}]/{mode}"
 
     def _linear_value(self, subject: Subject, x: Prepared, members: frozenset[str], state: Any) -> torch.Tensor:

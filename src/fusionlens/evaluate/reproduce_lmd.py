@@ -31,7 +31,8 @@ from fusionlens.train.distributed import DistInfo, all_gather_objects, barrier
 
 PAIRS = {"camera_radar": ("camera", "radar"), "camera_lidar": ("camera", "lidar"),
          "camera_radar_lidar": ("camera", "radar", "lidar")}
-ABLATION = {"naive": "Baseline (naive zero-out)", "lmd:activations-only": "Activation only",
+ABLATION = {"lmd:none": "Baseline (no linearization)", "naive": "Naive zero-out",
+            "lmd:activations-only": "Activation only",
             "lmd:norms-only": "Normalization only", "lmd:paper": "LMD (ratio)"}
 BN_NORM = {"bn-uniform+norm-identity": "Uniform-Identity", "bn-identity+norm-identity": "Identity-Identity",
            "bn-identity+norm-uniform": "Identity-Uniform", "bn-identity+norm-ratio": "Identity-Ratio"}
@@ -43,7 +44,7 @@ ATTRIBUTION = ("lmd:paper", "naive", "shapley", "lmd+shap", "captum-ablation", "
 # with X perturbed. Table 2's Identity-Ratio row is the paper preset.
 PAPER: dict[str, dict[str, dict[str, float]]] = {
     "camera_radar": {
-        "naive": {"Rp/R": 0.22, "Rp/C": 0.76, "Cp/R": 0.22, "Cp/C": 0.09},
+        "lmd:none": {"Rp/R": 0.22, "Rp/C": 0.76, "Cp/R": 0.22, "Cp/C": 0.09},
         "lmd:activations-only": {"Rp/R": 0.56, "Rp/C": 0.80, "Cp/R": 0.22, "Cp/C": 0.12},
         "lmd:norms-only": {"Rp/R": 0.50, "Rp/C": 0.99, "Cp/R": 0.93, "Cp/C": 0.38},
         "lmd:paper": {"Rp/R": 0.05, "Rp/C": 1.00, "Cp/R": 1.00, "Cp/C": 0.15},
