@@ -25,7 +25,14 @@ from tqdm.auto import tqdm
 
 from fusionlens.evaluate.attribution import attribute_objects, summarise_attribution
 from fusionlens.evaluate.baselines import feature_means, make_method
-from fusionlens.evaluate.separation import LETTERS, Subject, metric_key, pairing_offsets, perturbation_metrics
+from fusionlens.evaluate.separation import (
+    LETTERS,
+    SampleCache,
+    Subject,
+    metric_key,
+    pairing_offsets,
+    perturbation_metrics,
+)
 from fusionlens.io import atomic_write_json
 from fusionlens.train.distributed import DistInfo, all_gather_objects, barrier
 
@@ -164,7 +171,9 @@ class LMDRunner:
                 loaded.clear()
                 path, per_seed = self.checkpoint(pair, seed)
                 model, _ = load_model(path)
-                loaded[(pair, seed)] = (model, str(path), per_seed, {})
+                anchors_n = self.cfg.anchors * (1 + self.cfg.count)
+                loaded[(pair, seed)] = (model, str(path), per_seed,
+                                        {"samples": SampleCache(Subject(model), data, capacity=anchors_n)})
             model, ckpt, per_seed, cache = loaded[(pair, seed)]
             rng = random.Random(seed)
             record: dict[str, Any] = {"pair": pair, "seed": seed, "method": spec, "mode": mode, "checkpoint": ckpt,
@@ -181,7 +190,8 @@ class LMDRunner:
                 anchors = sorted(rng.sample(range(self.cfg.val_size), self.cfg.anchors))
                 method = make_method(spec, mode=mode, means=self._means(model, data, cache))
                 res = perturbation_metrics(model, data, method, count=self.cfg.count, stride=self.cfg.stride,
-                                           anchors=anchors, info=self.info, progress=False)
+                                           anchors=anchors, info=self.info, progress=False,
+                                           cache=cache["samples"])
                 record["result"] = res.to_dict()
             if self.info.is_main:
                 atomic_write_json(self.path(pair, seed, spec, mode), record)

@@ -205,8 +205,9 @@ def metric_key(perturbed: str, modality: str) -> str:
     return f"{LETTERS.get(perturbed, perturbed)}p/{LETTERS.get(modality, modality)}"
 
 
-class _SampleCache:
-    """Prepared samples by index, keeping the most recent ``capacity`` (partners of nearby anchors overlap)."""
+class SampleCache:
+    """Prepared samples by index, keeping the most recent ``capacity`` (partners of nearby anchors overlap; pass
+    one cache to several :func:`perturbation_metrics` calls on the same model and data to prepare each sample once)."""
 
     def __init__(self, subject: Subject, dataset: Dataset, capacity: int) -> None:
         self.subject, self.dataset, self.capacity = subject, dataset, capacity
@@ -223,7 +224,7 @@ class _SampleCache:
         return x
 
 
-def _anchor_metrics(subject: Subject, method: Method, cache: _SampleCache, k: int, offsets: list[int], n: int,
+def _anchor_metrics(subject: Subject, method: Method, cache: SampleCache, k: int, offsets: list[int], n: int,
                     perturbed: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
     clean_x = cache[k]
     clean, state = method.clean(subject, clean_x)
@@ -252,6 +253,7 @@ def perturbation_metrics(
     level: str = "fusion",
     info: DistInfo | None = None,
     progress: bool = True,
+    cache: SampleCache | None = None,
 ) -> SeparationResult:
     """PCC/MSE of appendix D.2 for ``method`` over ``dataset`` (module docstring).
 
@@ -273,7 +275,10 @@ def perturbation_metrics(
         raise ValueError(f"anchors must be non-empty indices in [0, {n}), got {bad or anchors}")
     info = info or DistInfo()
     mine = anchors[info.rank::info.world_size]
-    cache = _SampleCache(subject, dataset, capacity=len(offsets) + 2)
+    if cache is None:
+        cache = SampleCache(subject, dataset, capacity=len(offsets) + 2)
+    elif cache.dataset is not dataset or cache.subject.model is not model or cache.subject.level != level:
+        raise ValueError("cache was made for another model, dataset or level")
     rows: list[tuple[int, dict[str, float], dict[str, float]]] = []
     bar = tqdm(mine, desc=f"separation {method.name}", disable=not progress or not info.is_main, leave=False)
     for k in bar:
