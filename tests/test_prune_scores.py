@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from fusionlens.prune.altermoma import AlterMOMA
+from fusionlens.prune.altermoma import AlterMOMA, altereva
 from fusionlens.prune.baselines import IMP, SNIP, MagnitudeImportance, RandomImportance, SynFlow
-from fusionlens.prune.params import prunable_parameters
+from fusionlens.prune.params import prunable_parameters, resolve_groups
 from fusionlens.prune.prospr import ProsPr
 from prune_tiny import TinyFusion
 
@@ -136,6 +136,18 @@ def test_alpha_beta_weighting_and_beta_zero_is_deci() -> None:
     m(model, NAMES)
     for n in NAMES:
         torch.testing.assert_close(only_deci[n], 2.0 * m.last_indicators.deci[n] / m.last_indicators.deci[n].sum())
+
+
+def test_mean_normalisation_rescales_each_group_by_its_size() -> None:
+    model, batch = make(6)
+    method = AlterMOMA(loss_fn, [batch], groups=GROUPS, reactivation_steps=2, reactivation_lr=0.05)
+    by_sum = method(model, NAMES)
+    groups = resolve_groups(model, GROUPS).restrict(NAMES)
+    by_mean = altereva(method.last_indicators, groups, normalise="mean")
+    for n in NAMES:  # x / mean = N * x / sum, N = the group's size (4 weights each here)
+        torch.testing.assert_close(by_mean[n], 4 * by_sum[n])
+    with pytest.raises(ValueError, match="normalise"):
+        AlterMOMA(loss_fn, [batch], normalise="max")
 
 
 def test_three_modalities_average_reri_terms() -> None:

@@ -68,16 +68,30 @@ class Indicators:
     reri: dict[str, Scores]
 
 
-def _normalised(scores: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``x / sum_group(x)`` over ``names``; an all-zero group contributes zero rather than NaN."""
+NORMALISATIONS: tuple[str, ...] = ("sum", "mean")
+
+
+def _normalised(scores: Mapping[str, torch.Tensor], names: Sequence[str], how: str = "sum") -> dict[str, torch.Tensor]:
+    """``x / sum_group(x)`` over ``names`` (eq. 11-13), or ``x / mean_group(x)`` for ``how="mean"``; an
+    all-zero group contributes zero rather than NaN."""
     total = sum(float(scores[n].sum()) for n in names)
+    if how == "mean":
+        total /= sum(scores[n].numel() for n in names)
     return {n: scores[n] / total if total > 0 else torch.zeros_like(scores[n]) for n in names}
 
 
-def altereva(indicators: Indicators, groups: ParamGroups, alpha: float = 1.0, beta: float = 1.0) -> Scores:
+def altereva(
+    indicators: Indicators, groups: ParamGroups, alpha: float = 1.0, beta: float = 1.0, normalise: str = "sum"
+) -> Scores:
     """Combine DeCI and ReRI into AlterEva scores (eq. 11-13, 27, 36), each group normalised on its own.
 
-    ``groups`` must already be restricted to the scored (prunable) parameters."""
+    ``groups`` must already be restricted to the scored (prunable) parameters. ``normalise="sum"`` is the
+    paper's: every group's DeCI sums to ``alpha``, so under one global threshold a parameter of a small group
+    (a 2k-weight LiDAR branch next to a 3M-weight camera ResNet) outranks one of a large group by the size
+    ratio. ``"mean"`` divides by the group mean instead (the same within-group DeCI/ReRI balance, no size
+    bias) -- an option of ours, not the paper's, reported separately."""
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"normalise must be one of {list(NORMALISATIONS)}, got {normalise!r}")
     modalities = list(groups.modalities)
     n_mod = len(modalities)
     out: Scores = {}
@@ -87,8 +101,8 @@ def altereva(indicators: Indicators, groups: ParamGroups, alpha: float = 1.0, be
     for _key, names, maskers, weight in parts:
         if not names:
             continue
-        deci = _normalised(indicators.deci, names)
-        reri = [_normalised(indicators.reri[m], names) for m in maskers]
+        deci = _normalised(indicators.deci, names, normalise)
+        reri = [_normalised(indicators.reri[m], names, normalise) for m in maskers]
         for n in names:
             out[n] = alpha * deci[n] - weight * sum(r[n] for r in reri)
     return out
@@ -112,6 +126,7 @@ class AlterMOMA(Importance):
         reactivation_steps: int = DEFAULT_REACTIVATION_STEPS,
         reactivation_lr: float = DEFAULT_REACTIVATION_LR,
         same_batch_reri: bool = False,
+        normalise: str = "sum",
     ) -> None:
         super().__init__()
         if reactivation_steps < 1:
@@ -124,6 +139,9 @@ class AlterMOMA(Importance):
         self.alpha, self.beta = float(alpha), float(beta)
         self.steps, self.lr = reactivation_steps, reactivation_lr
         self.same_batch_reri = same_batch_reri
+        if normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {list(NORMALISATIONS)}, got {normalise!r}")
+        self.normalise = normalise
         self.last_indicators: Indicators | None = None
 
     def resolve(self, model: nn.Module) -> ParamGroups:
@@ -189,4 +207,4 @@ class AlterMOMA(Importance):
         groups = self.resolve(model)
         ind = self.indicators(model, names)
         self.last_indicators = ind
-        return altereva(ind, groups.restrict(names), self.alpha, self.beta)
+        return altereva(ind, groups.restrict(names), self.alpha, self.beta, self.normalise)

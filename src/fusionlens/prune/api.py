@@ -37,7 +37,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "snip": ("n_batches",),
     "synflow": ("iterations", "keep_inputs"),
     "prospr": ("inner_steps", "inner_lr", "momentum"),
-    "altermoma": ("alpha", "beta", "reactivation_steps", "reactivation_lr", "same_batch_reri"),
+    "altermoma": ("alpha", "beta", "reactivation_steps", "reactivation_lr", "same_batch_reri", "normalise"),
 }
 
 
