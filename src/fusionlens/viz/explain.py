@@ -23,6 +23,7 @@ from fusionlens.io import atomic_save_with  # noqa: E402
 
 # outline colour of a ground-truth vehicle by the set of sensors that saw it
 ONLY_COLOURS = {"camera": "#ffb000", "radar": "#00e5ff", "lidar": "#ff40ff"}
+COLOUR_NAMES = {"camera": "orange", "radar": "cyan", "lidar": "magenta"}
 SEVERAL, NONE = "#ffffff", "#808080"
 
 
@@ -56,8 +57,8 @@ def _bev(ax: plt.Axes, grid: BEVGrid, image: np.ndarray, title: str, **kwargs: o
     (x0, x1), (y0, y1), _ = grid.bounds
     # rows = ix (forward, drawn upwards), columns = iy (left): the y axis is inverted below so that left is left
     handle = ax.imshow(image, origin="lower", extent=(y0, y1, x0, x1), interpolation="nearest", **kwargs)
-    if not ax.xaxis_inverted():
-        ax.invert_xaxis()
+    ax.set_xlim(y1, y0)  # left (+y) on the left; fixed limits so that outlines past the grid do not pan the view
+    ax.set_ylim(x0, x1)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -65,10 +66,22 @@ def _bev(ax: plt.Axes, grid: BEVGrid, image: np.ndarray, title: str, **kwargs: o
 
 
 def _outlines(ax: plt.Axes, boxes: torch.Tensor, seen_by: Sequence[Sequence[str]]) -> None:
+    limits = ax.get_xlim(), ax.get_ylim()
     for box, sensors in zip(boxes, seen_by):
         colour = ONLY_COLOURS.get(sensors[0], SEVERAL) if len(sensors) == 1 else (SEVERAL if sensors else NONE)
         xy = box_corners(box)
         ax.plot(xy[:, 1], xy[:, 0], color=colour, lw=1.6 if len(sensors) == 1 else 0.7)
+    ax.set_xlim(*limits[0])
+    ax.set_ylim(*limits[1])
+
+
+def dominant_modality_image(components: Mapping[str, torch.Tensor], prediction: torch.Tensor) -> np.ndarray:
+    """RGB ``(X, Y, 3)``: each cell in the colour of the modality with the largest component there, brightness the
+    predicted probability -- which sensor carries each detection, at a glance (the bias is not a sensor)."""
+    names = [n for n in components if n != "bias"]
+    winner = torch.stack([components[n] for n in names]).argmax(0)
+    palette = torch.tensor([matplotlib.colors.to_rgb(ONLY_COLOURS.get(n, "#ffffff")) for n in names])
+    return (palette[winner] * torch.sigmoid(prediction)[..., None]).numpy()
 
 
 def explain_figure(
@@ -87,7 +100,7 @@ def explain_figure(
     """Write the panel (module docstring) as a PNG. ``prediction`` and ``components`` are seg logits ``(X, Y)``,
     ``cams`` Grad-CAM maps ``(X', Y')`` per component, ``seen_by`` the sensors that saw each of ``boxes``."""
     names = list(components)
-    cols = max(3, len(names) + 1)
+    cols = max(4, len(names) + 1)
     fig, axes = plt.subplots(4, cols, figsize=(3.0 * cols, 12.0), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -97,16 +110,23 @@ def explain_figure(
         top[0].set_title("cameras: FL F FR / BL B BR", fontsize=9)
     _bev(top[1], grid, gt.numpy(), "ground truth", cmap="gray", vmin=0, vmax=1)
     _bev(top[2], grid, torch.sigmoid(prediction).numpy(), "prediction σ(logit)", cmap="magma", vmin=0, vmax=1)
-    for ax in top[1:3]:
+    _bev(top[3], grid, dominant_modality_image(components, prediction),
+         "dominant modality × σ(prediction)\n(" + ", ".join(f"{n} {c}" for n, c in COLOUR_NAMES.items()
+                                                        if n in components) + ")")
+    for ax in top[1:4]:
         ax.axis("on")
         _outlines(ax, boxes, seen_by)
-    scale = max(float(max(c.abs().max() for c in components.values())), 1e-6)
+    # one signed scale for the sensors (comparable with each other), its own for the bias
+    mod_scale = max([float(c.abs().max()) for n, c in components.items() if n != "bias"] + [1e-6])
+    bias_scale = max(float(components["bias"].abs().max()) if "bias" in components else 0.0, 1e-6)
     cam_scale = max(float(max(c.max() for c in cams.values())), 1e-12)
     for j, name in enumerate(names):
         comp = components[name].numpy()
         for row, (image, kwargs, label) in enumerate((
             (1 / (1 + np.exp(-comp)), {"cmap": "magma", "vmin": 0, "vmax": 1}, "σ view"),
-            (comp, {"cmap": "RdBu_r", "vmin": -scale, "vmax": scale}, "signed"),
+            (comp, {"cmap": "RdBu_r", "vmin": -(bias_scale if name == "bias" else mod_scale),
+                    "vmax": bias_scale if name == "bias" else mod_scale},
+             f"signed ±{bias_scale if name == 'bias' else mod_scale:.1f}"),
         ), start=1):
             ax = axes[row][j]
             ax.axis("on")
