@@ -235,6 +235,18 @@ def test_synflow_flows_through_instance_norm() -> None:
     assert isinstance(model.fuse[1], nn.InstanceNorm2d)
 
 
+def test_synflow_survives_trained_batchnorm_statistics() -> None:
+    """A trained BN's running mean, made absolute and subtracted from the all-ones flow, would let the ReLU
+    cut a whole branch; SynFlow drops the running mean (as at initialisation)."""
+    torch.manual_seed(0)
+    model = TinyFusion(norm=True)
+    model.lidar[1].running_mean.fill_(1e3)
+    names = prunable_parameters(model)
+    s = SynFlow(lambda: {"camera": torch.zeros(1, 2, 6, 6), "lidar": torch.zeros(1, 2, 6, 6)}, 1)(model, names)
+    assert float(s["lidar.0.weight"].sum()) > 0
+    assert float(model.lidar[1].running_mean[0]) == 1e3  # the user's model is untouched
+
+
 def _hand_loss_after_inner_step(model: LinearFusion, batch: dict, c: dict, lr: float) -> torch.Tensor:
     """ProsPr with one plain SGD step, written without autograd: L(theta_1(c)), theta_1 = c theta - lr g."""
     A, Bm, w = weights(model)

@@ -170,6 +170,11 @@ def _statistics_free(model: nn.Module) -> nn.Module:
         for child_name, child in list(module.named_children()):
             if isinstance(child, kinds) and not getattr(child, "track_running_stats", False):
                 setattr(module, child_name, _AffineOnly(child))
+            elif isinstance(child, nn.modules.batchnorm._BatchNorm) and child.running_mean is not None:
+                # SynFlow was made for networks at initialisation (running mean 0). On a trained model the
+                # absolute running mean is subtracted from the all-ones flow and a ReLU can cut it (the whole
+                # LiDAR branch of a reference model scored 0), so the mean is dropped: BN acts as |gamma|/sigma.
+                child.running_mean.zero_()
     return model
 
 
