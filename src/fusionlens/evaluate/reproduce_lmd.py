@@ -272,17 +272,23 @@ def summarise(out_dir: str | Path) -> str:
                   _table(sep, pair, SPLITTING, "pcc"), "", _table(sep, pair, SPLITTING, "mse"), "",
                   "### Table 3: SHAP vs LMD+SHAP (PCC)", "", _table(sep, pair, SHAP, "pcc")]
     if att:
-        parts += ["", "## Ground-truth attribution (objects only one sensor could see)", "",
-                  "| pair | method | seeds | objects | right sensor (all) | right sensor (detected) | share to it |",
-                  "|---|---|---|---|---|---|---|"]
+        parts += ["", "## Ground-truth attribution (vehicles only one sensor could see)", "",
+                  "Right sensor = argmax over modalities of the component summed over the object's BEV cells; "
+                  "objects counted over all seeds; detected = mean fused probability over its cells > 0.5.", "",
+                  "| pair | method | seeds | objects (per sensor) | right sensor (all) | per sensor | detected | "
+                  "right sensor (detected) | share to it |", "|---|---|---|---|---|---|---|---|---|"]
         for pair in PAIRS:
             for spec in ATTRIBUTION:
                 mine = [c for c in att if c["pair"] == pair and c["method"] == f"attribution:{spec}"]
                 if not mine:
                     continue
-                objs = sum(c["summary"]["all"]["overall"]["objects"] for c in mine)
-                parts.append(f"| {pair.replace('_', '-')} | {spec} | {len(mine)} | {objs} | "
-                             f"{_fmt([c['summary']['all']['overall']['correct'] for c in mine])} | "
-                             f"{_fmt([c['summary']['detected']['overall']['correct'] for c in mine])} | "
+                mods = PAIRS[pair]
+                per = {m: sum(c["summary"]["all"][m]["objects"] for c in mine) for m in mods}
+                detected = sum(c["summary"]["detected"]["overall"]["objects"] for c in mine)
+                per_correct = " · ".join(f"{m} {_fmt([c['summary']['all'][m]['correct'] for c in mine])}" for m in mods)
+                parts.append(f"| {pair.replace('_', '-')} | {spec} | {len(mine)} | {sum(per.values())} ("
+                             + ", ".join(f"{m} {n}" for m, n in per.items()) + ") | "
+                             f"{_fmt([c['summary']['all']['overall']['correct'] for c in mine])} | {per_correct} | "
+                             f"{detected} | {_fmt([c['summary']['detected']['overall']['correct'] for c in mine])} | "
                              f"{_fmt([c['summary']['all']['overall']['share'] for c in mine])} |")
     return "\n".join(parts)
