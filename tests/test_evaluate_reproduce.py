@@ -49,6 +49,12 @@ def test_cells_resume_and_tables(checkpoints, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/**/*.json")}
     assert main(["reproduce", "lmd", "--out", str(out), "--checkpoints", str(checkpoints), *ARGS]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("cells/**/*.json")} == stamps  # nothing recomputed
+    # a retrained checkpoint makes the cells stale: they are measured again
+    config = preset_config("tiny", "camera,radar", **SMALL)
+    torch.manual_seed(1)
+    save_checkpoint(checkpoints / "tiny_camera_radar.pt", model=build_model(config), model_config=config)
+    assert main(["reproduce", "lmd", "--out", str(out), "--checkpoints", str(checkpoints), *ARGS]) == 0
+    assert all(p.stat().st_mtime_ns != t for p, t in stamps.items())
     table = (out / "results.md").read_text()
     assert "Table 1: linearization ablation" in table and "| LMD (ratio) | frozen | 2 |" in table
     assert "Rp/R 0.05" in table  # the paper's number alongside

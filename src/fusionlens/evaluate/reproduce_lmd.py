@@ -12,6 +12,7 @@ seeds share ``tiny_<pair>.pt`` and a seed draws another set of anchor samples (t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -149,6 +150,20 @@ class LMDRunner:
                 out += [(pair, seed, f"attribution:{spec}", "-") for spec in self.cfg.attribution_methods]
         return out
 
+    def done(self, cell: tuple[str, int, str, str], fingerprints: dict[tuple[str, int], str]) -> bool:
+        """A cell counts as done when its file exists and was measured on the checkpoint that is there now
+        (a retrained model makes its cells stale)."""
+        path = self.path(*cell)
+        if not path.is_file():
+            return False
+        key = (cell[0], cell[1])
+        if key not in fingerprints:
+            try:
+                fingerprints[key] = _fingerprint(self.checkpoint(*key)[0])
+            except FileNotFoundError:
+                fingerprints[key] = ""
+        return json.loads(path.read_text()).get("checkpoint_sha1") == fingerprints[key]
+
     def path(self, pair: str, seed: int, spec: str, mode: str) -> Path:
         return self.root / "cells" / pair / f"seed{seed}" / f"{_spec_id(spec)}__{mode}.json"
 
@@ -157,7 +172,8 @@ class LMDRunner:
         from fusionlens.train.data import open_dataset
 
         # every rank must see the same list: decide on rank 0's view of the disk
-        todo = all_gather_objects(self.info, [c for c in self.cells() if not self.path(*c).is_file()])[0]
+        prints: dict[tuple[str, int], str] = {}
+        todo = all_gather_objects(self.info, [c for c in self.cells() if not self.done(c, prints)])[0]
         if not todo:
             return
         data = open_dataset(self.cfg.data, "val", size=self.cfg.val_size, seed=self.cfg.data_seed,
@@ -173,11 +189,13 @@ class LMDRunner:
                 model, _ = load_model(path)
                 anchors_n = self.cfg.anchors * (1 + self.cfg.count)
                 loaded[(pair, seed)] = (model, str(path), per_seed,
-                                        {"samples": SampleCache(Subject(model), data, capacity=anchors_n)})
+                                        {"samples": SampleCache(Subject(model), data, capacity=anchors_n),
+                                         "sha1": _fingerprint(path)})
             model, ckpt, per_seed, cache = loaded[(pair, seed)]
             rng = random.Random(seed)
             record: dict[str, Any] = {"pair": pair, "seed": seed, "method": spec, "mode": mode, "checkpoint": ckpt,
-                                      "per_seed_model": per_seed, "val_size": self.cfg.val_size}
+                                      "per_seed_model": per_seed, "val_size": self.cfg.val_size,
+                                      "checkpoint_sha1": cache["sha1"]}
             if spec.startswith("attribution:"):
                 method_spec = spec.split(":", 1)[1]
                 indices = sorted(rng.sample(range(self.cfg.val_size), self.cfg.attribution_samples))
@@ -203,6 +221,14 @@ class LMDRunner:
                 cache["means"] = feature_means(Subject(model), data, list(range(min(32, self.cfg.val_size))))
             return cache["means"]
         return None
+
+
+def _fingerprint(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _load_cells(root: Path) -> list[dict[str, Any]]:
