@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -193,6 +194,7 @@ class LMDRunner:
                                          "sha1": _fingerprint(path)})
             model, ckpt, per_seed, cache = loaded[(pair, seed)]
             rng = random.Random(seed)
+            start = time.perf_counter()
             record: dict[str, Any] = {"pair": pair, "seed": seed, "method": spec, "mode": mode, "checkpoint": ckpt,
                                       "per_seed_model": per_seed, "val_size": self.cfg.val_size,
                                       "checkpoint_sha1": cache["sha1"]}
@@ -211,6 +213,7 @@ class LMDRunner:
                                            anchors=anchors, info=self.info, progress=False,
                                            cache=cache["samples"])
                 record["result"] = res.to_dict()
+            record["seconds"] = time.perf_counter() - start  # includes preparing samples not yet cached
             if self.info.is_main:
                 atomic_write_json(self.path(pair, seed, spec, mode), record)
         barrier(self.info)
