@@ -73,7 +73,10 @@ PAPER: dict[str, dict[str, dict[str, float]]] = {
 }
 PAPER_MSE = {"lmd:sum-splitting": {"Rp/R": 9.63, "Rp/C": 0.0, "Cp/R": 0.0, "Cp/C": 40.43},
              "lmd:ratio-splitting": {"Rp/R": 4.46, "Rp/C": 0.0, "Cp/R": 0.0, "Cp/C": 30.35}}
-RANDOM_METHODS = ("shapley", "shapley-mean", "captum-sampling", "captum-ablation", "naive")  # no frozen mode
+# no frozen mode: nothing linearized (lmd:none has no coefficients to freeze; its two modes measured identical)
+RANDOM_METHODS = ("shapley", "shapley-mean", "captum-sampling", "captum-ablation", "naive", "lmd:none")
+# frozen only: recomputed LMD+SHAP is the recomputed LMD row (Shapley of an affine system = its components; tested)
+FROZEN_ONLY = ("lmd+shap", "lmd+shap-mean")
 
 
 @dataclass
@@ -147,6 +150,7 @@ class LMDRunner:
             for pair in self.cfg.pairs:
                 for spec in self.cfg.only_pairs_methods.get(pair, self.cfg.methods):
                     modes = ("recomputed",) if spec in RANDOM_METHODS else self.cfg.modes
+                    modes = tuple(m for m in modes if m == "frozen") if spec in FROZEN_ONLY else modes
                     out += [(pair, seed, spec, mode) for mode in modes]
                 out += [(pair, seed, f"attribution:{spec}", "-") for spec in self.cfg.attribution_methods]
         return out
