@@ -280,6 +280,9 @@ def summarise(out_dir: str | Path) -> str:
     cells = _load_cells(Path(out_dir))
     if not cells:
         raise FileNotFoundError(f"no result cells under {out_dir}/cells (run 'fusionlens reproduce lmd' first)")
+    prints = {p: _fingerprint(Path(p)) if Path(p).is_file() else None for p in {c["checkpoint"] for c in cells}}
+    fresh = [c for c in cells if prints[c["checkpoint"]] in (None, c.get("checkpoint_sha1"))]
+    stale, cells = len(cells) - len(fresh), fresh
     sep = [c for c in cells if "result" in c]
     att = [c for c in cells if "summary" in c]
     parts = ["# LMD reproduction on the built-in world", "",
@@ -293,6 +296,8 @@ def summarise(out_dir: str | Path) -> str:
         parts.append(f"N = {c0['n']}, pairing offsets k + {c0['stride']}·j, j = 1..{c0['count']}, "
                      f"{len(c0['anchors'])} anchors per seed; seeds: "
                      + ("one model per pair, seeds draw the anchors" if shared else "separately trained models") + ".")
+    if stale:
+        parts.append(f"({stale} cells measured on an earlier version of their checkpoint were left out.)")
     bn_rows = {f"lmd:{k}": v for k, v in BN_NORM.items()}
     bn_rows["lmd:paper"] = "Identity-Ratio (= paper preset)"
     for pair in PAIRS:
