@@ -24,7 +24,7 @@ from fusionlens.prune.reproduce import ReproduceConfig, Runner
 
 
 def parse_grid(text: str) -> list[dict[str, Any]]:
-    """``"a=1,2;b=x"`` -> ``[{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]`` (numbers parsed, int before float)."""
+    """``"a=1,2;b=x"`` -> ``[{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]`` (booleans and numbers parsed)."""
     axes: list[tuple[str, list[Any]]] = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
         key, sep, values = part.partition("=")
@@ -32,6 +32,9 @@ def parse_grid(text: str) -> list[dict[str, Any]]:
             raise ValueError(f"--grid expects key=v1,v2;key2=..., got {part!r}")
         parsed: list[Any] = []
         for v in values.split(","):
+            if v.lower() in ("true", "false"):
+                parsed.append(v.lower() == "true")
+                continue
             try:
                 parsed.append(int(v))
             except ValueError:
