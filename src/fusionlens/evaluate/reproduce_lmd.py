@@ -272,7 +272,7 @@ def _table(cells: list[dict[str, Any]], pair: str, rows: dict[str, str], metric:
             ref_txt = ", ".join(f"{k} {v:.2f}" for k, v in ref.items()) if metric == "pcc" or spec in PAPER_MSE else ""
             lines.append(f"| {label} | {mode} | {len(mine)} | " + " | ".join(_fmt(vals[k]) for k in cols)
                          + f" | {ref_txt or '—'} |")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else "(not measured)"
 
 
 def summarise(out_dir: str | Path) -> str:
