@@ -108,6 +108,29 @@ def test_runner_cells_are_atomic_and_resume(tmp_path: Path) -> None:
     assert sum(k == "structured" for k, _ in jobs) == 2 * 2 * 4
 
 
+def test_summary_tables_and_plot(tmp_path: Path) -> None:
+    from fusionlens.io import atomic_write_json
+    from fusionlens.prune.report import plot_ablation, summarise
+
+    for seed, iou in ((0, 0.2), (1, 0.3)):
+        atomic_write_json(
+            tmp_path / f"unstructured/a_b/snip/s0.8/seed{seed}.json",
+            {"pair": "a,b", "method": "snip", "sparsity": 0.8, "iou": iou, "scoring_backward_passes": 1},
+        )
+    atomic_write_json(
+        tmp_path / "unstructured/a_b/altermoma/s0.8/seed0.json",
+        {"pair": "a,b", "method": "altermoma", "sparsity": 0.8, "iou": 0.1, "scoring_backward_passes": 19},
+    )
+    atomic_write_json(
+        tmp_path / "ablation/a_b/b0/s0.8/seed0.json",
+        {"pair": "a,b", "method": "altermoma", "sparsity": 0.8, "iou": 0.15, "beta": 0.0},
+    )
+    table = summarise(tmp_path)
+    assert "| snip | 25.0 ± 7.1 (n=2) | 1 |" in table  # mean and sample std of 20 % and 30 %
+    assert "| a,b | 80% | 0 | 15.0 |" in table and "| a,b | 80% | 1 | 10.0 |" in table
+    assert plot_ablation(tmp_path, tmp_path / "ablation.png").is_file()
+
+
 def test_runner_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sparsities"):
         Runner(ReproduceConfig(out_dir=str(tmp_path), sparsities=(1.0,)))

@@ -25,7 +25,8 @@ def _strs(text: str) -> tuple[str, ...]:
 
 
 def run_altermoma(args: argparse.Namespace) -> int:
-    from fusionlens.prune.reproduce import ReproduceConfig, Runner, plot_ablation, summarise
+    from fusionlens.prune.report import plot_ablation, summarise
+    from fusionlens.prune.reproduce import ReproduceConfig, Runner
 
     cfg = ReproduceConfig(
         out_dir=args.out,
@@ -55,9 +56,18 @@ def run_lmd(args: argparse.Namespace) -> int:
     from fusionlens.evaluate.reproduce_lmd import LMDReproduceConfig, LMDRunner, summarise
     from fusionlens.train.distributed import init_distributed
 
-    cfg = LMDReproduceConfig(out_dir=args.out, checkpoints=args.checkpoints, pairs=args.pairs, seeds=args.seeds,
-                             val_size=args.val_size, anchors=args.anchors, count=args.count, stride=args.stride,
-                             attribution_samples=args.attribution_samples, data=args.data)
+    cfg = LMDReproduceConfig(
+        out_dir=args.out,
+        checkpoints=args.checkpoints,
+        pairs=args.pairs,
+        seeds=args.seeds,
+        val_size=args.val_size,
+        anchors=args.anchors,
+        count=args.count,
+        stride=args.stride,
+        attribution_samples=args.attribution_samples,
+        data=args.data,
+    )
     if args.methods:
         cfg.methods = args.methods
     if args.attribution_methods is not None:
@@ -109,16 +119,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--reference-steps", type=int, default=200)
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=run_altermoma)
-    lmd = sub.add_parser("lmd", help="LMD Tables 1-4 and ground-truth attribution (resumable)",
-                         description="LMD paper tables on the built-in world; see fusionlens.evaluate.reproduce_lmd")
+    lmd = sub.add_parser(
+        "lmd",
+        help="LMD Tables 1-4 and ground-truth attribution (resumable)",
+        description="LMD paper tables on the built-in world; see fusionlens.evaluate.reproduce_lmd",
+    )
     lmd.add_argument("--out", default="out/reproduce/lmd", help="cells and results.md")
     lmd.add_argument("--checkpoints", default="out/checkpoints", help="folder of tiny_<pair>[_seed<s>].pt")
-    lmd.add_argument("--pairs", type=lambda t: tuple(t.split(",")),
-                     default=("camera_radar", "camera_lidar", "camera_radar_lidar"))
-    lmd.add_argument("--methods", type=lambda t: tuple(t.split(",")), default=None,
-                     help="comma-separated: naive, lmd:<rules>, shapley[-mean], lmd+shap, captum-sampling, ...")
-    lmd.add_argument("--pair-methods", action="append", default=[], metavar="PAIR=M1,M2",
-                     help="methods for one pair instead of --methods (repeatable)")
+    lmd.add_argument(
+        "--pairs", type=lambda t: tuple(t.split(",")), default=("camera_radar", "camera_lidar", "camera_radar_lidar")
+    )
+    lmd.add_argument(
+        "--methods",
+        type=lambda t: tuple(t.split(",")),
+        default=None,
+        help="comma-separated: naive, lmd:<rules>, shapley[-mean], lmd+shap, captum-sampling, ...",
+    )
+    lmd.add_argument(
+        "--pair-methods",
+        action="append",
+        default=[],
+        metavar="PAIR=M1,M2",
+        help="methods for one pair instead of --methods (repeatable)",
+    )
     lmd.add_argument("--attribution-methods", type=lambda t: tuple(v for v in t.split(",") if v), default=None)
     lmd.add_argument("--seeds", type=_ints, default=(0, 1, 2))
     lmd.add_argument("--val-size", type=int, default=128, help="N of the pairing k + s*j mod N")

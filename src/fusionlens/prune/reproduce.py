@@ -16,7 +16,6 @@ on the physically smaller model), evaluate vehicle IoU on the validation split.
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -296,89 +295,3 @@ class Runner:
                 self.structured(*args)
             else:
                 self.unstructured(*args)
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "--"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{100 * mean:.1f} (n=1)"
-    return f"{100 * mean:.1f} ± {100 * statistics.stdev(values):.1f} (n={len(values)})"
-
-
-def summarise(out_dir: str | Path) -> str:
-    """Markdown tables (IoU in %) of every finished cell under ``out_dir``."""
-    out = Path(out_dir)
-
-    def load(pattern: str) -> list[dict[str, Any]]:
-        return [json.loads(p.read_text()) for p in sorted(out.glob(pattern))]
-
-    lines: list[str] = []
-    dense = {d["pair"]: d for d in load("dense/*.json")}
-    cells = load("unstructured/*/*/*/*.json")
-    for pair in sorted({c["pair"] for c in cells}):
-        rhos = sorted({c["sparsity"] for c in cells if c["pair"] == pair})
-        lines += [
-            f"**{pair}** (dense IoU {100 * dense[pair]['iou']:.1f})" if pair in dense else f"**{pair}**",
-            "",
-            "| method | " + " | ".join(f"{100 * r:g}%" for r in rhos) + " | backward passes |",
-            "|---" * (len(rhos) + 2) + "|",
-        ]
-        for method in [m for m in METHODS if any(c["method"] == m and c["pair"] == pair for c in cells)]:
-            row = [
-                _mean_std(
-                    [c["iou"] for c in cells if c["pair"] == pair and c["method"] == method and c["sparsity"] == r]
-                )
-                for r in rhos
-            ]
-            passes = {c["scoring_backward_passes"] for c in cells if c["pair"] == pair and c["method"] == method}
-            lines.append(f"| {method} | " + " | ".join(row) + f" | {'/'.join(map(str, sorted(passes)))} |")
-        lines.append("")
-    scells = load("structured/*/*/*/*.json")
-    if scells:
-        lines += [
-            "| pair | method | ratio | IoU | GFLOPs before → after | params | latency ms before → after |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for c in sorted(scells, key=lambda c: (c["pair"], c["ratio"], c["method"])):
-            b, a = c["before"], c["after"]
-            lines.append(
-                f"| {c['pair']} | {c['method']} | {100 * c['ratio']:g}% | {100 * c['iou']:.1f} | "
-                f"{b['gflops']:.2f} → {a['gflops']:.2f} | {b['params'] / 1e6:.2f}M → {a['params'] / 1e6:.2f}M"
-                f" | {b['latency_ms']:.0f} → {a['latency_ms']:.0f} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot_ablation(out_dir: str | Path, path: str | Path) -> Path | None:
-    """Appendix F figure: IoU against beta/alpha, one line per sparsity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fusionlens.io import atomic_save_with
-
-    cells = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("ablation/*/*/*/*.json"))]
-    if not cells:
-        return None
-    pair = cells[0]["pair"]
-    for p in sorted(Path(out_dir).glob(f"unstructured/{_slug(pair)}/altermoma/*/*.json")):
-        main = json.loads(p.read_text())
-        if main["sparsity"] in {c["sparsity"] for c in cells}:
-            cells.append({**main, "beta": 1.0})
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for rho in sorted({c["sparsity"] for c in cells}):
-        betas = sorted({c["beta"] for c in cells if c["sparsity"] == rho})
-        ious = [statistics.fmean(c["iou"] for c in cells if c["sparsity"] == rho and c["beta"] == b) for b in betas]
-        ax.plot(betas, [100 * v for v in ious], marker="o", label=f"{100 * rho:g}%")
-    ax.set_xlabel("β / α")
-    ax.set_ylabel("val IoU (%)")
-    ax.set_title(f"AlterMOMA ablation ({pair})")
-    ax.legend(title="sparsity")
-    fig.tight_layout()
-    atomic_save_with(path, lambda p: fig.savefig(p, dpi=120))
-    plt.close(fig)
-    return Path(path)
