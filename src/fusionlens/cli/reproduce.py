@@ -39,9 +39,13 @@ def run_altermoma(args: argparse.Namespace) -> int:
         val_size=args.val_size,
         finetune_steps=args.finetune_steps,
         reference_steps=args.reference_steps,
+        ablation_pair=args.ablation_pair,
+        ablation_sparsities=args.ablation_sparsities or None,
     )
     if args.methods:
         cfg.methods = args.methods
+    if args.structured_methods:
+        cfg.structured_methods = args.structured_methods
     Runner(cfg, progress=not args.no_progress).run()
     table = summarise(args.out)
     atomic_write_text(Path(args.out) / "results.md", table + "\n")
