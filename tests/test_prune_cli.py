@@ -131,6 +131,38 @@ def test_summary_tables_and_plot(tmp_path: Path) -> None:
     assert plot_ablation(tmp_path, tmp_path / "ablation.png").is_file()
 
 
+def test_reproduce_flags_reach_the_config() -> None:
+    from fusionlens.cli import build_parser
+    from fusionlens.cli.reproduce import altermoma_config
+
+    args = build_parser().parse_args(
+        [
+            "reproduce",
+            "altermoma",
+            "--pairs",
+            "camera,radar",
+            "--seeds",
+            "0",
+            "--methods",
+            "snip,altermoma",
+            "--structured-ratios",
+            "",
+            "--structured-methods",
+            "magnitude",
+            "--betas",
+            "0,2",
+            "--ablation-sparsities",
+            "0.85",
+            "--finetune-steps",
+            "7",
+        ]
+    )
+    cfg = altermoma_config(args)
+    assert cfg.pairs == ("camera,radar",) and cfg.seeds == (0,) and cfg.methods == ("snip", "altermoma")
+    assert cfg.structured_ratios == () and cfg.structured_methods == ("magnitude",)
+    assert cfg.ablation_betas == (0.0, 2.0) and cfg.ablation_sparsities == (0.85,) and cfg.finetune_steps == 7
+
+
 def test_runner_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sparsities"):
         Runner(ReproduceConfig(out_dir=str(tmp_path), sparsities=(1.0,)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from fusionlens.io import atomic_write_text
 
@@ -24,9 +25,9 @@ def _strs(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(";") if v.strip())
 
 
-def run_altermoma(args: argparse.Namespace) -> int:
-    from fusionlens.prune.report import plot_ablation, summarise
-    from fusionlens.prune.reproduce import ReproduceConfig, Runner
+def altermoma_config(args: argparse.Namespace) -> Any:
+    """The :class:`~fusionlens.prune.reproduce.ReproduceConfig` the command-line options describe."""
+    from fusionlens.prune.reproduce import ReproduceConfig
 
     cfg = ReproduceConfig(
         out_dir=args.out,
@@ -46,6 +47,14 @@ def run_altermoma(args: argparse.Namespace) -> int:
         cfg.methods = args.methods
     if args.structured_methods:
         cfg.structured_methods = args.structured_methods
+    return cfg
+
+
+def run_altermoma(args: argparse.Namespace) -> int:
+    from fusionlens.prune.report import plot_ablation, summarise
+    from fusionlens.prune.reproduce import Runner
+
+    cfg = altermoma_config(args)
     Runner(cfg, progress=not args.no_progress).run()
     table = summarise(args.out)
     atomic_write_text(Path(args.out) / "results.md", table + "\n")
