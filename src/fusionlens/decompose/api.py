@@ -100,9 +100,10 @@ def decompose(
         bias: ``"local"`` (default, eq. 20: constants inside a single-modality branch belong to that modality; the
             branch runs at the cost of a plain forward) or ``"global"`` (every constant goes to the bias component).
         record_coefficients: keep the linearization coefficients (``Decomposition.coefficients``).
-        coefficients: evaluate the network *linearized at another operating point* (coefficients recorded there)
-            on these inputs — the "frozen" mode of the perturbation metrics. The components are then those of
-            that fixed linear system; they no longer sum to this input's nonlinear output.
+        coefficients: evaluate the network *linearized at another operating point* (coefficients recorded there,
+            including the bias shares moved by sum/ratio splitting) on these inputs — the "frozen" mode of the
+            perturbation metrics. The modality components are those of that fixed affine system; the bias
+            component is the rest of this input's nonlinear output, so the components still sum to it.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -91,7 +91,12 @@ def activation(engine: Any, func: Callable, args: tuple, kwargs: dict, total: to
     if not settings.linearize_activations:  # ablation row: each modality through the original function
         return _stack_leaves([_plain_call(func, p, *args[1:], **kwargs) for p in engine.parts(x)])
     split = _SPLITS[settings.activation]
-    parts = engine.parts(x) if split is None else split(engine.components(x), engine.num_modalities)
+    parts = engine.parts(x)
+    if split is not None:
+        # The share of the bias each modality receives is an operating-point quantity: recorded with the
+        # slopes, so that under frozen coefficients the split is that of the clean input (a fixed affine map).
+        parts = parts + engine.coefficient(lambda: split(engine.components(x), engine.num_modalities)[: len(parts)]
+                                           - parts)
     slope = engine.coefficient(lambda: secant_slope(total, x.fl_total()))
     # The bias receives c * h_b plus F(A) - c * A (F(0) where the slope is 0): exactly total - sum of these.
     return slope * parts[: engine.num_modalities]
