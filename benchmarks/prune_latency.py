@@ -54,8 +54,10 @@ def main() -> None:
     print("| model | params | GFLOPs | median latency ms | speed-up |\n|---|---|---|---|---|")
     for name, m in models.items():
         ms = 1e3 * statistics.median(times[name])
-        print(f"| {name} | {count_parameters(m) / 1e6:.2f}M | {count_flops(m, ex) / 1e9:.2f} | {ms:.0f} | "
-              f"{dense_ms / ms:.2f}x |")
+        print(
+            f"| {name} | {count_parameters(m) / 1e6:.2f}M | {count_flops(m, ex) / 1e9:.2f} | {ms:.0f} | "
+            f"{dense_ms / ms:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

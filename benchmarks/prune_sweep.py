@@ -68,8 +68,10 @@ def main() -> None:
     print("\n| pair | options | sparsity | seed | IoU | backward passes | scoring s |\n|---|---|---|---|---|---|---|")
     for pair, options, rho, seed, cell in rows:
         opts = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
-        print(f"| {pair} | {opts} | {100 * rho:g}% | {seed} | {100 * cell['iou']:.2f} | "
-              f"{cell['scoring_backward_passes']} | {cell['scoring_seconds']:.0f} |")
+        print(
+            f"| {pair} | {opts} | {100 * rho:g}% | {seed} | {100 * cell['iou']:.2f} | "
+            f"{cell['scoring_backward_passes']} | {cell['scoring_seconds']:.0f} |"
+        )
 
 
 if __name__ == "__main__":
