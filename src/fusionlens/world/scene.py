@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fusionlens.data.sample import CLASSES
-from fusionlens.world.config import WorldConfig
+from fusionlens.world.config import ROAD_LAYOUTS, WorldConfig
 from fusionlens.world.raycast import Boxes
 from fusionlens.world.road import ASPHALT, PAINT, SIDEWALK, Road, classify_ground, make_roads
 
@@ -232,8 +232,8 @@ def _place_clutter(p: _Placer, cfg: WorldConfig, roads: list[Road]) -> None:
 
 def make_scene(cfg: WorldConfig, rng: np.random.Generator) -> Scene:
     """Sample a scene: layout, roads, traffic (labelled) and clutter, in that order (so traffic wins space)."""
-    names = list(cfg.layout_probs)
-    probs = np.array([cfg.layout_probs[n] for n in names], dtype=float)
+    names = list(ROAD_LAYOUTS)  # canonical order, so equal configs draw equal layouts whatever the dict order
+    probs = np.array([cfg.layout_probs.get(n, 0.0) for n in names], dtype=float)
     layout = names[int(rng.choice(len(names), p=probs / probs.sum()))]
     roads, _ = make_roads(layout, rng)
     placer = _Placer(rng)
