@@ -119,15 +119,15 @@ def test_summary_tables_and_plot(tmp_path: Path) -> None:
         )
     atomic_write_json(
         tmp_path / "unstructured/a_b/altermoma/s0.8/seed0.json",
-        {"pair": "a,b", "method": "altermoma", "sparsity": 0.8, "iou": 0.1, "scoring_backward_passes": 19},
+        {"pair": "a,b", "method": "altermoma", "sparsity": 0.8, "iou": 0.1, "seed": 0, "scoring_backward_passes": 19},
     )
     atomic_write_json(
         tmp_path / "ablation/a_b/b0/s0.8/seed0.json",
-        {"pair": "a,b", "method": "altermoma", "sparsity": 0.8, "iou": 0.15, "beta": 0.0},
+        {"pair": "a,b", "method": "altermoma", "sparsity": 0.8, "iou": 0.15, "beta": 0.0, "seed": 0},
     )
     table = summarise(tmp_path)
     assert "| snip | 25.0 ± 7.1 (n=2) | 1 |" in table  # mean and sample std of 20 % and 30 %
-    assert "| a,b | 80% | 0 | 15.0 |" in table and "| a,b | 80% | 1 | 10.0 |" in table
+    assert "| a,b | 80% | 0 | 0 | 15.0 |" in table and "| a,b | 80% | 1 | 0 | 10.0 |" in table
     assert plot_ablation(tmp_path, tmp_path / "ablation.png").is_file()
 
 

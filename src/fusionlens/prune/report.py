@@ -67,13 +67,15 @@ def summarise(out_dir: str | Path) -> str:
         lines.append("")
     ablation = load("ablation/*/*/*/*.json")
     if ablation:
-        main = {(c["pair"], c["sparsity"]): c for c in cells if c["method"] == "altermoma"}
+        keys = {(a["pair"], a["sparsity"]) for a in ablation}
         rows = ablation + [
-            {**m, "beta": 1.0} for k, m in main.items() if any((a["pair"], a["sparsity"]) == k for a in ablation)
+            {**c, "beta": 1.0} for c in cells if c["method"] == "altermoma" and (c["pair"], c["sparsity"]) in keys
         ]
-        lines += ["| pair | sparsity | β/α | IoU |", "|---|---|---|---|"]
-        for c in sorted(rows, key=lambda c: (c["pair"], c["sparsity"], c["beta"])):
-            lines.append(f"| {c['pair']} | {100 * c['sparsity']:g}% | {c['beta']:g} | {100 * c['iou']:.1f} |")
+        lines += ["| pair | sparsity | β/α | seed | IoU |", "|---|---|---|---|---|"]
+        for c in sorted(rows, key=lambda c: (c["pair"], c["sparsity"], c["beta"], c["seed"])):
+            lines.append(
+                f"| {c['pair']} | {100 * c['sparsity']:g}% | {c['beta']:g} | {c['seed']} | {100 * c['iou']:.1f} |"
+            )
         lines.append("")
     other = load("sweep/*/*/*/*.json") + load("variant/*/*/*/*.json")
     if other:
@@ -89,7 +91,7 @@ def summarise(out_dir: str | Path) -> str:
 
 
 def plot_ablation(out_dir: str | Path, path: str | Path) -> Path | None:
-    """Appendix F figure: IoU against beta/alpha, one line per sparsity."""
+    """Appendix F figure: IoU against beta/alpha, one line per (pair, sparsity)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,20 +102,21 @@ def plot_ablation(out_dir: str | Path, path: str | Path) -> Path | None:
     cells = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("ablation/*/*/*/*.json"))]
     if not cells:
         return None
-    pair = cells[0]["pair"]
-    for p in sorted(Path(out_dir).glob(f"unstructured/{_slug(pair)}/altermoma/*/*.json")):
+    keys = {(c["pair"], c["sparsity"]) for c in cells}
+    for p in sorted(Path(out_dir).glob("unstructured/*/altermoma/*/*.json")):  # alpha = beta = 1
         main = json.loads(p.read_text())
-        if main["sparsity"] in {c["sparsity"] for c in cells}:
+        if (main["pair"], main["sparsity"]) in keys:
             cells.append({**main, "beta": 1.0})
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for rho in sorted({c["sparsity"] for c in cells}):
-        betas = sorted({c["beta"] for c in cells if c["sparsity"] == rho})
-        ious = [statistics.fmean(c["iou"] for c in cells if c["sparsity"] == rho and c["beta"] == b) for b in betas]
-        ax.plot(betas, [100 * v for v in ious], marker="o", label=f"{100 * rho:g}%")
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for pair, rho in sorted(keys):
+        mine = [c for c in cells if (c["pair"], c["sparsity"]) == (pair, rho)]
+        betas = sorted({c["beta"] for c in mine})
+        ious = [statistics.fmean(c["iou"] for c in mine if c["beta"] == b) for b in betas]
+        ax.plot(betas, [100 * v for v in ious], marker="o", label=f"{pair} {100 * rho:g}%")
     ax.set_xlabel("β / α")
     ax.set_ylabel("val IoU (%)")
-    ax.set_title(f"AlterMOMA ablation ({pair})")
-    ax.legend(title="sparsity")
+    ax.set_title("AlterMOMA: IoU against β/α (mean over seeds)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_save_with(path, lambda p: fig.savefig(p, dpi=120))
     plt.close(fig)
