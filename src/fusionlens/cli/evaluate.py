@@ -35,6 +35,13 @@ def run(args: argparse.Namespace) -> int:
             "modalities": list(model.config.modalities),
             "iou": metrics,
         }
+        if model.config.extra_heads.get("centerpoint") is not None:
+            from fusionlens.evaluate.detection import evaluate_detector
+
+            # single process: the devkit's matching needs every sample's boxes in one place
+            detection = evaluate_detector(model, dataset, batch_size=args.batch_size, device=device,
+                                          progress=not args.no_progress)
+            report["detection"] = detection.to_dict()
         if args.out:
             atomic_write_json(args.out, report)
         print(json.dumps(report, indent=2, default=str))

@@ -42,7 +42,7 @@ def _parse_kv(values: list[str], flag: str) -> dict[str, str]:
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
-            raise ValueError(f"{flag} expects MODALITY=PATH, got {item!r}")
+            raise ValueError(f"{flag} expects MODALITY=PATH (or MODALITY=NAME), got {item!r}")
         if key in out:
             raise ValueError(f"{flag} names {key!r} twice")
         out[key] = value
@@ -57,6 +57,11 @@ def model_config_from_args(args: argparse.Namespace, data_grid: Any = None) -> M
         overrides["camera_weights"] = args.camera_weights
     if data_grid is not None:
         overrides["grid"] = data_grid
+    encoders = _parse_kv(getattr(args, "point_encoder", None) or [], "--point-encoder")
+    if encoders:
+        overrides["point_encoders"] = encoders
+    if getattr(args, "task", "segmentation") != "segmentation":
+        overrides["extra_heads"] = {"centerpoint": {}}
     return preset_config(args.preset, args.modalities, **overrides)
 
 
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         amp=not args.no_amp,
         num_workers=args.num_workers,
         device=args.device,
+        task=args.task,
     )
     init_from = _parse_kv(args.init_from or [], "--init-from")
     if Path(args.out).exists() and not (args.resume or args.overwrite):
@@ -151,5 +157,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="initialise a modality's backbone from a single-modality checkpoint (repeatable)",
     )
     p.add_argument("--freeze-steps", type=int, default=0, help="keep --init-from backbones frozen this many steps")
+    p.add_argument("--task", choices=("segmentation", "detection", "both"), default="segmentation",
+                   help="BEV vehicle segmentation, CenterPoint 3-D detection, or both heads trained together")
+    p.add_argument("--point-encoder", action="append", metavar="MODALITY=NAME",
+                   help="point backbone per modality, e.g. lidar=pillars (default: raster)")
     add_data_arguments(p)
     p.set_defaults(func=run)

@@ -39,6 +39,9 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; training stopped without overwriting the last good checkpoint."""
 
 
+TASKS = ("segmentation", "detection", "both")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 600
@@ -54,6 +57,8 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "cpu"
     loss: LossConfig = field(default_factory=LossConfig)
+    # which losses train the model: the SimpleBEV segmentation terms, the extra heads' (detection), or both
+    task: str = "segmentation"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -63,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
         if not 0 < self.pct_start < 1:
             raise ValueError(f"TrainConfig.pct_start must be in (0, 1), got {self.pct_start}")
+        if self.task not in TASKS:
+            raise ValueError(f"TrainConfig.task must be one of {TASKS}, got {self.task!r}")
         for name in ("save_every", "eval_every", "num_workers", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -78,7 +85,7 @@ class TrainConfig:
 
 
 # fields that must agree between a checkpoint and the run resuming it (others, e.g. save_every, may change)
-_RESUME_FIXED = ("steps", "batch_size", "lr", "weight_decay", "pct_start", "grad_clip", "seed", "loss")
+_RESUME_FIXED = ("steps", "batch_size", "lr", "weight_decay", "pct_start", "grad_clip", "seed", "loss", "task")
 
 
 @dataclass
@@ -237,6 +244,9 @@ def train(
     ``step_hook(model, step)`` runs before every step and ``after_backward(model, step)`` between backward and
     the optimizer step (together they freeze a backbone for the first N steps, see ``train.pretrained``).
     """
+    if train_config.task != "segmentation" and not model_config.extra_heads:
+        raise ValueError(f"task {train_config.task!r} needs a detection head: add extra_heads={{'centerpoint': {{}}}} "
+                         "to the model config (fusionlens train --task adds it)")
     device = torch.device(train_config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("TrainConfig.device is cuda but no GPU is available")
@@ -322,8 +332,9 @@ def train(
         inputs, kwargs = batch_to_inputs(model, batch)
         with _autocast(device, use_amp):
             out = net(**inputs, **kwargs)
-        terms = simplebev_loss(out, batch, train_config.loss)
-        loss = terms["total"] + extra_head_loss(model, out, batch)
+        loss = extra_head_loss(model, out, batch)
+        if train_config.task != "detection":
+            loss = loss + simplebev_loss(out, batch, train_config.loss)["total"]
         if not all_true(info, bool(torch.isfinite(loss.detach()))):
             bar.close()
             where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was saved yet"
