@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionlens.data.sample import LIDAR_FIELDS, RADAR_FIELDS, BEVGrid
+from fusionlens.models.points import check_point_inputs
 from fusionlens.models.registry import register_point_encoder
 
 DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -126,12 +127,7 @@ class PillarEncoder(nn.Module):
 
     def decorate(self, points: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decorated features ``(N, len(fields) + 5)`` of the N kept points and their pillar ids ``(N,)``."""
-        if points.dim() != 3 or points.shape[-1] != self.in_fields:
-            raise ValueError(f"{self.modality}: expected points (B, P, {self.in_fields}), "
-                             f"got {tuple(points.shape)}")
-        if valid.shape != points.shape[:2]:
-            raise ValueError(f"{self.modality}_valid: expected shape {tuple(points.shape[:2])}, "
-                             f"got {tuple(valid.shape)}")
+        check_point_inputs(self.modality, points, valid, self.in_fields)
         pid, keep = pillar_index(points, valid, self.grid)
         pts = points[keep]  # (N, F): real points inside the grid
         xyz = pts[:, :3]

@@ -32,6 +32,14 @@ RADAR_META_SCALE: tuple[float, ...] = (
 assert len(RADAR_META_SCALE) == len(RADAR_FIELDS) - 3
 
 
+def check_point_inputs(modality: str, points: torch.Tensor, valid: torch.Tensor, fields: int) -> None:
+    """Zero-padded points ``(B, P, fields)`` with a validity mask ``(B, P)``, else a ValueError naming them."""
+    if points.dim() != 3 or points.shape[-1] != fields:
+        raise ValueError(f"{modality}: expected points (B, P, {fields}), got {tuple(points.shape)}")
+    if valid.shape != points.shape[:2]:
+        raise ValueError(f"{modality}_valid: expected shape {tuple(points.shape[:2])}, got {tuple(valid.shape)}")
+
+
 def rasterise(points: torch.Tensor, valid: torch.Tensor, values: torch.Tensor,
               grid: BEVGrid) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum ``values`` (B, P, V) of valid points (B, P, >=3 xyz) into voxels.
@@ -90,12 +98,7 @@ class RasterEncoder(nn.Module):
 
     def raster(self, points: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The parameter-free BEV raster ``(B, V*Z, X, Y)``."""
-        if points.dim() != 3 or points.shape[-1] != self.in_fields:
-            raise ValueError(f"{self.modality}: expected points (B, P, {self.in_fields}), "
-                             f"got {tuple(points.shape)}")
-        if valid.shape != points.shape[:2]:
-            raise ValueError(f"{self.modality}_valid: expected shape {tuple(points.shape[:2])}, "
-                             f"got {tuple(valid.shape)}")
+        check_point_inputs(self.modality, points, valid, self.in_fields)
         if self.modality == "radar":
             if self.use_metadata:
                 values = points[..., 3:] / self.meta_scale.to(points.dtype)

@@ -322,6 +322,10 @@ def train(
     )
     window = IoUAccumulator(model_config.grid)
     metrics: dict[str, float] = {}
+    def validate(progress: bool) -> dict[str, float]:
+        return evaluate(model, val_set, batch_size=train_config.batch_size, device=device, info=info,
+                        progress=progress, amp=use_amp)
+
     t0 = time.perf_counter()
     model.train()
     bar = tqdm(total=train_config.steps, initial=start, desc="train", disable=not (progress and info.is_main))
@@ -364,29 +368,13 @@ def train(
             and done % train_config.eval_every == 0
             and done < train_config.steps
         ):
-            metrics = evaluate(
-                model,
-                val_set,
-                batch_size=train_config.batch_size,
-                device=device,
-                info=info,
-                progress=False,
-                amp=use_amp,
-            )
+            metrics = validate(progress=False)
             bar.write(f"step {done}: val IoU {metrics['all']:.4f}")
         if train_config.save_every and done % train_config.save_every == 0 and done < train_config.steps:
             save(done, metrics)
     bar.close()
     if val_set is not None:
-        metrics = evaluate(
-            model,
-            val_set,
-            batch_size=train_config.batch_size,
-            device=device,
-            info=info,
-            progress=progress,
-            amp=use_amp,
-        )
+        metrics = validate(progress=progress)
     seconds = time.perf_counter() - t0
     save(train_config.steps, metrics)
     if ckpt_path is not None and info.is_main and metrics:
