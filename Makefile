@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean reference-models
 
 venv: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m fusionlens.demo --out $(OUT)
+
+# the tiny reference checkpoints later benchmarks reuse (out/checkpoints/tiny_*.pt); long: ~1-2 h on 2 CPU cores
+reference-models: $(STAMP)
+	nice -n 10 $(PY) benchmarks/train_reference.py --steps 250 --train-size 512 --val-size 128 --pretrained
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
