@@ -4,11 +4,6 @@ exactly the single-process cells."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -18,6 +13,7 @@ from fusionlens.evaluate.reproduce_lmd import LMDReproduceConfig, LMDRunner, sum
 from fusionlens.models import build_model, preset_config
 from fusionlens.train.checkpoint import save_checkpoint
 from fusionlens.train.synthetic import TEST_GRID
+from torchrun_helper import torchrun_cli
 
 torch.set_num_threads(1)
 SMALL = dict(grid=TEST_GRID, latent_dim=4, fusion_dim=8, decoder_width=8, head_dim=8, point_bev_channels=8)
@@ -75,37 +71,12 @@ def test_config_errors(checkpoints, tmp_path):
         summarise(tmp_path)
 
 
-RUNNER = textwrap.dedent("""
-    import argparse, sys
-    import torch
-    torch.set_num_threads(1)
-    from fusionlens.cli import reproduce
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    reproduce.register(sub)
-    args = parser.parse_args(sys.argv[1:])
-    raise SystemExit(args.func(args))
-""")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_single_process_cells(checkpoints, tmp_path):
     single, dist = tmp_path / "single", tmp_path / "dist"
     assert main(["reproduce", "lmd", "--out", str(single), "--checkpoints", str(checkpoints), *ARGS]) == 0
-    script = tmp_path / "runner.py"
-    script.write_text(RUNNER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), "reproduce", "lmd", "--out", str(dist), "--checkpoints",
-           str(checkpoints), *ARGS]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_cli(tmp_path, ("reproduce",), "reproduce", "lmd", "--out", str(dist), "--checkpoints", str(checkpoints),
+                 *ARGS)
     a, b = _cells(single), _cells(dist)
     assert a.keys() == b.keys()
     for key in a:  # 3 anchors over 2 ranks: uneven shards, gathered back in anchor order

@@ -4,11 +4,6 @@ distributed training run keeps the replicas identical and matches the checkpoint
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -19,52 +14,10 @@ from fusionlens.models import preset_config
 from fusionlens.train.checkpoint import load_checkpoint, load_model
 from fusionlens.train.loop import TrainConfig, evaluate, train
 from fusionlens.train.synthetic import TEST_GRID, SyntheticDataset
+from torchrun_helper import torchrun_cli
 
 torch.set_num_threads(1)
 SMALL = dict(grid=TEST_GRID, latent_dim=4, fusion_dim=8, decoder_width=8, head_dim=8, point_bev_channels=8)
-
-# runs one subcommand without the rest of the CLI (so the test depends only on these modules)
-RUNNER = textwrap.dedent("""
-    import argparse, sys
-    import torch
-    torch.set_num_threads(1)
-    from fusionlens.cli import evaluate, train
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    train.register(sub)
-    evaluate.register(sub)
-    args = parser.parse_args(sys.argv[1:])
-    raise SystemExit(args.func(args))
-""")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(tmp_path, *argv: str) -> subprocess.CompletedProcess:
-    script = tmp_path / "runner.py"
-    script.write_text(RUNNER)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(script),
-        *argv,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path) -> None:
@@ -78,8 +31,9 @@ def test_two_gloo_processes_match_one(tmp_path) -> None:
     single = evaluate(model, val, batch_size=2, progress=False)
     assert single["all"] > 0
     out = tmp_path / "ddp.json"
-    _torchrun(
+    torchrun_cli(
         tmp_path,
+        ("train", "evaluate"),
         "evaluate",
         "--checkpoint",
         str(ckpt),
@@ -102,8 +56,9 @@ def test_two_gloo_processes_match_one(tmp_path) -> None:
 
     # distributed training: 2 ranks x batch 2; rank 0 saves; every rank must hold the same weights
     dckpt = tmp_path / "ddp_train.pt"
-    proc = _torchrun(
+    proc = torchrun_cli(
         tmp_path,
+        ("train", "evaluate"),
         "train",
         "--modalities",
         "radar,lidar",
