@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._stream import Stream, streams_in, unwrap
+from ._stream import Stream, replace_streams, streams_in, unwrap
 
 # Calls that read metadata or leave the tensor world: answered from the operating point.
 _PASSTHROUGH = frozenset({
@@ -100,13 +100,13 @@ class Engine:
         for k in range(self.num_modalities):
             def slice_k(s: Stream, k: int = k) -> torch.Tensor:
                 return s.fl_parts(self.num_modalities)[k]
-            a, kw = _replace((args, kwargs), slice_k)
+            a, kw = replace_streams((args, kwargs), slice_k)
             results.append(_call_plain(func, a, kw))
         return results
 
     def at_zero(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """``func`` with every stream replaced by zeros: the op's constant term."""
-        a, kw = _replace((args, kwargs), lambda s: torch.zeros_like(s.fl_total()))
+        a, kw = replace_streams((args, kwargs), lambda s: torch.zeros_like(s.fl_total()))
         return _call_plain(func, a, kw)
 
     def coefficient(self, compute: Callable[[], Any]) -> Any:
@@ -196,11 +196,6 @@ class Engine:
             target.__class__ = Stream
         target._fl_owner, target._fl_parts = result._fl_owner, result._fl_parts
         return None if name == "_setitem_out" else target
-
-
-def _replace(tree: Any, fn: Callable[[Stream], Any]) -> Any:
-    leaves, spec = tree_flatten(tree)
-    return tree_unflatten([fn(x) if isinstance(x, Stream) else x for x in leaves], spec)
 
 
 def _call_plain(func: Callable, args: tuple, kwargs: dict) -> Any:

@@ -16,7 +16,7 @@ A :class:`Stream` outside an active decomposition behaves as a plain tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -91,12 +91,6 @@ def streams_in(tree: Any) -> list[Stream]:
 def replace_streams(tree: Any, fn: Callable[[Stream], Any]) -> Any:
     leaves, spec = tree_flatten(tree)
     return tree_unflatten([fn(x) if isinstance(x, Stream) else x for x in leaves], spec)
-
-
-def float_tensors(tree: Any) -> Iterator[torch.Tensor]:
-    for x in tree_flatten(tree)[0]:
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            yield x
 
 
 class ActiveEngine:
