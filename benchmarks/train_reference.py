@@ -7,7 +7,8 @@ and camera-LiDAR models initialised from the single-modality backbones, and meas
 
 Checkpoints land in ``--out-dir`` (default ``out/checkpoints``) as ``tiny_<name>.pt`` with ``.metrics.json``;
 ``reference.json`` / ``pretrained.json`` there collect the numbers, and a Markdown table is printed. A model whose
-checkpoint already holds the same schedule is not retrained (``--force`` retrains), so an interrupted run resumes.
+checkpoint already holds the same config and schedule is not retrained (``--force`` retrains) and one cut off
+mid-schedule continues from its last save, so an interrupted run loses at most ``save_every`` steps.
 Each checkpoint is also reproducible by one command, printed next to it, e.g.
 ``fusionlens train --preset tiny --modalities camera,radar --steps 300 --train-size 512 --val-size 128
 --out out/checkpoints/tiny_camera_radar.pt``.
@@ -25,6 +26,7 @@ import torch
 
 from fusionlens.io import atomic_write_json
 from fusionlens.models import preset_config
+from fusionlens.train.camera_pretrain import CameraPretrainConfig, pretrain_camera
 from fusionlens.train.checkpoint import load_checkpoint, load_model
 from fusionlens.train.data import open_dataset
 from fusionlens.train.loop import TrainConfig, train
@@ -58,11 +60,23 @@ COND_COLUMNS = (
 
 
 def _command(name: str, mods: str, args: argparse.Namespace, extra: str = "") -> str:
+    weights = f" --camera-weights {args.camera_trunk}" if "camera" in mods and args.camera_trunk else ""
     return (
         f"fusionlens train --preset tiny --modalities {mods} --steps {args.steps} --batch-size "
         f"{args.batch_size} --lr {args.lr} --train-size {args.train_size} --val-size {args.val_size} "
-        f"--out {args.out_dir}/tiny_{name}.pt{extra}"
+        f"--out {args.out_dir}/tiny_{name}.pt{weights}{extra}"
     )
+
+
+def _camera_trunk(args: argparse.Namespace) -> None:
+    """The world-pretrained camera trunk every camera model starts from (``fusionlens pretrain camera``)."""
+    if not args.camera_trunk or Path(args.camera_trunk).is_file():
+        return
+    config = CameraPretrainConfig(world_seed=args.data_seed, frames=args.trunk_frames, steps=args.trunk_steps)
+    print(f"== camera trunk: fusionlens pretrain camera --frames {args.trunk_frames} --steps {args.trunk_steps} "
+          f"--data-seed {args.data_seed} --out {args.camera_trunk}", flush=True)
+    report = pretrain_camera(config, args.camera_trunk, progress=not args.no_progress)
+    print("camera trunk val pixel IoU", json.dumps(report["val_pixel_iou"]), flush=True)
 
 
 def _train_one(
@@ -75,10 +89,12 @@ def _train_one(
 ) -> dict[str, Any]:
     path = Path(args.out_dir) / f"tiny_{name}.pt"
     grid = data[0][0].grid
-    config = preset_config("tiny", mods, grid=grid)
+    weights = {"camera_weights": args.camera_trunk} if "camera" in mods and args.camera_trunk else {}
+    config = preset_config("tiny", mods, grid=grid, **weights)
+    resume = False
     if path.is_file() and not args.force:
         payload = load_checkpoint(path)
-        same = payload["train_config"] and {
+        same = payload["model_config"] == config.to_dict() and payload["train_config"] and {
             k: payload["train_config"].get(k) for k in ("steps", "batch_size", "lr", "seed")
         } == {"steps": tcfg.steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr, "seed": tcfg.seed}
         if same and payload["step"] == tcfg.steps and payload["metrics"]:
@@ -91,6 +107,7 @@ def _train_one(
                 "seconds": seconds,
                 "checkpoint": str(path),
             }
+        resume = bool(same) and payload["step"] < tcfg.steps  # an interrupted run continues exactly
     prepare, hooks = None, (None, None)
     extra = ""
     if init_from:
@@ -105,6 +122,7 @@ def _train_one(
         data[0],
         val_set=data[1],
         checkpoint=path,
+        resume=resume,
         prepare_model=prepare,
         step_hook=hooks[0],
         after_backward=hooks[1],
@@ -165,6 +183,10 @@ def main() -> None:
     ap.add_argument("--freeze-steps", type=int, default=50)
     ap.add_argument("--redundancy-steps", type=int, default=20)
     ap.add_argument("--redundancy-size", type=int, default=64, help="validation samples for redundancy IoUs")
+    ap.add_argument("--camera-trunk", default="out/checkpoints/camera_trunk_r18.pt",
+                    help="world-pretrained camera trunk (made first if missing); '' trains cameras from scratch")
+    ap.add_argument("--trunk-steps", type=int, default=600)
+    ap.add_argument("--trunk-frames", type=int, default=512)
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -180,6 +202,7 @@ def main() -> None:
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         raise SystemExit(f"--only: unknown models {unknown}; known {list(MODELS)}")
+    _camera_trunk(args)
     if not args.pretrained:
         rows = [_train_one(n, MODELS[n], tcfg, data, args) for n in names]
         atomic_write_json(out / "reference.json", {"args": vars(args), "rows": rows})
@@ -187,9 +210,7 @@ def main() -> None:
         return
     # the recipe in one command: single-modality backbones and scratch fusion models (reused when present),
     # then the fusion models initialised from the backbones
-    base = [
-        _train_one(n, MODELS[n], tcfg, data, args) for n in ("camera", "radar", "lidar", "camera_radar", "camera_lidar")
-    ]
+    base = [_train_one(n, MODELS[n], tcfg, data, args) for n in MODELS]
     rows = []
     for name, sources in PRETRAINED.items():
         init = {m: str(out / f"tiny_{src}.pt") for m, src in sources.items()}

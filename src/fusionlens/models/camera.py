@@ -23,6 +23,9 @@ from fusionlens.data.sample import BEVGrid
 _TRUNK_CHANNELS: dict[int, tuple[int, int]] = {
     18: (128, 256), 34: (128, 256), 50: (512, 1024), 101: (512, 1024),
 }
+_UNUSED_PREFIXES = ("layer4.", "fc.")
+# CameraEncoder.stem = Sequential(conv1, bn1, relu, maxpool, layer1): its indices in torchvision's naming
+_STEM_NAMES = {"stem.0.": "conv1.", "stem.1.": "bn1.", "stem.4.": "layer1."}
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -44,9 +47,11 @@ class CameraEncoder(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"camera_weights: no such file {path}")
             state = torch.load(path, map_location="cpu", weights_only=True)
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            # layer4 and fc are not part of the trunk: a full torchvision state dict and a trunk-only one
+            # (``trunk_state_dict``, what ``fusionlens pretrain camera`` writes) both load
+            state = {k: v for k, v in state.items() if not k.startswith(_UNUSED_PREFIXES)}
             missing, unexpected = resnet.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.startswith("fc.")]
+            missing = [k for k in missing if not k.startswith(_UNUSED_PREFIXES)]
             if missing or unexpected:
                 raise ValueError(f"camera_weights {path} is not a resnet{depth} state dict: "
                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -72,6 +77,18 @@ class CameraEncoder(nn.Module):
         f3 = self.layer3(f2)
         up = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
         return self.project(self.merge(torch.cat([f2, up], dim=1)))
+
+
+def trunk_state_dict(encoder: CameraEncoder) -> dict[str, torch.Tensor]:
+    """The encoder's ResNet trunk (conv1 .. layer3) as a torchvision state dict, loadable as ``camera_weights``."""
+    out = {}
+    for key, value in encoder.state_dict().items():
+        for ours, theirs in _STEM_NAMES.items():
+            if key.startswith(ours):
+                out[theirs + key[len(ours):]] = value.clone()
+        if key.startswith(("layer2.", "layer3.")):
+            out[key] = value.clone()
+    return out
 
 
 def voxel_centres(grid: BEVGrid, device: torch.device | None = None) -> torch.Tensor:

@@ -36,7 +36,7 @@ class FusionModel(nn.Module):
     ``heads``, ``extra_heads`` (the shared part) -- see :meth:`modality_groups`.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, load_camera_weights: bool = True) -> None:
         super().__init__()
         self.config = config
         grid = config.grid
@@ -44,8 +44,8 @@ class FusionModel(nn.Module):
         channels: dict[str, int] = {}
         for modality in config.modalities:
             if modality == "camera":
-                self.encoders["camera"] = CameraEncoder(config.camera_depth, config.latent_dim,
-                                                        config.camera_weights)
+                weights = config.camera_weights if load_camera_weights else None
+                self.encoders["camera"] = CameraEncoder(config.camera_depth, config.latent_dim, weights)
                 channels["camera"] = config.latent_dim * grid.shape[2]
                 continue
             name, kwargs = config.point_encoder(modality)
@@ -159,9 +159,13 @@ class FusionModel(nn.Module):
         return self.decode(bev)
 
 
-def build_model(config: ModelConfig) -> FusionModel:
-    """A freshly initialised model for ``config`` (seed torch first for reproducible weights)."""
-    return FusionModel(config)
+def build_model(config: ModelConfig, load_camera_weights: bool = True) -> FusionModel:
+    """A freshly initialised model for ``config`` (seed torch first for reproducible weights).
+
+    ``config.camera_weights`` is where the camera trunk *started* from; a model about to receive a checkpoint's
+    weights passes ``load_camera_weights=False`` so that the file need not exist any more.
+    """
+    return FusionModel(config, load_camera_weights)
 
 
 def batch_to_inputs(model: FusionModel,

@@ -98,6 +98,6 @@ def load_model_state(model: FusionModel, payload: dict[str, Any], source: str = 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[FusionModel, dict[str, Any]]:
     """Rebuild the model a checkpoint was trained as, with its weights, in eval mode, and the payload."""
     payload = load_checkpoint(path)
-    model = build_model(ModelConfig.from_dict(payload["model_config"]))
+    model = build_model(ModelConfig.from_dict(payload["model_config"]), load_camera_weights=False)
     load_model_state(model, payload, source=str(path))
     return model.to(device).eval(), payload

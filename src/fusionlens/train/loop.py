@@ -262,7 +262,7 @@ def train(
         check_dataset(val_set, model_config, "validation")
 
     torch.manual_seed(train_config.seed)
-    model = build_model(model_config)
+    model = build_model(model_config, load_camera_weights=not resume)
     if prepare_model is not None and not resume:
         prepare_model(model)
     model.to(device)

@@ -36,6 +36,7 @@ class CameraOutput:
     pixels: np.ndarray  # (M, Ncam) visible pixels per object (0 through a blacked-out or occluded lens)
     unoccluded: np.ndarray  # (M, Ncam) pixels the object would cover were it alone
     signal: np.ndarray  # (M, Ncam) visible pixels weighted by their light and fog transmittance
+    seen: np.ndarray  # (Ncam, H, W) bool: pixel shows the scene (False under a lens blob or a blacked-out camera)
 
 
 def _hash(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -172,6 +173,7 @@ def render_cameras(scene: Scene, cond: Conditions, rig: Rig, rng: np.random.Gene
     pixels = np.zeros((m, n_cam), dtype=np.int64)
     unocc = np.zeros((m, n_cam), dtype=np.int64)
     signal = np.zeros((m, n_cam))
+    seen_all = np.zeros((n_cam, h, w), dtype=bool)
     for ci, name in enumerate(CAMERA_NAMES):
         origin, dirs, azimuth = _camera_rays(rig, ci)
         # Level cameras: a pixel column has one azimuth, so narrow azimuth wedges cull boxes per column strip.
@@ -195,12 +197,14 @@ def render_cameras(scene: Scene, cond: Conditions, rig: Rig, rng: np.random.Gene
             quality = quality * 0.75
         images[ci] = img.transpose(2, 0, 1)
         ids[ci] = hits.obj.reshape(h, w)
+        seen_all[ci] = seen.reshape(h, w)
         obj = hits.obj
         keep = (obj >= 0) & seen
         pixels[:, ci] = np.bincount(obj[keep], minlength=m)
         signal[:, ci] = np.bincount(obj[keep], weights=quality[keep], minlength=m)
         unocc[:, ci] = hits.unoccluded
-    return CameraOutput(images=images, object_ids=ids, pixels=pixels, unoccluded=unocc, signal=signal)
+    return CameraOutput(images=images, object_ids=ids, pixels=pixels, unoccluded=unocc, signal=signal,
+                        seen=seen_all)
 
 
 _SECTORS = 45  # 8-degree azimuth wedges
