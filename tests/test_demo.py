@@ -10,7 +10,8 @@ from fusionlens.demo import main
 def test_demo_runs_every_step_and_writes_a_report(tmp_path):
     out = tmp_path / "demo"
     code = main(["--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--samples", "3", "--figures", "1",
-                 "--steps", "1", "--train-size", "4", "--finetune-steps", "1"])
+                 "--steps", "1", "--train-size", "4", "--finetune-steps", "1", "--trunk-steps", "2",
+                 "--trunk-frames", "2"])
     assert code == 0
     report = (out / "report.md").read_text()
     linked = re.findall(r"\]\(([^)]+\.png)\)", report)
@@ -18,6 +19,8 @@ def test_demo_runs_every_step_and_writes_a_report(tmp_path):
     assert all((out / p).is_file() for p in linked)
     assert "| altermoma |" in report and "| magnitude |" in report
     assert (out / "checkpoints" / "camera_radar.pt").is_file()
+    assert (out / "checkpoints" / "camera_trunk.pt").is_file()
     # a second run reuses the finished checkpoint instead of failing on it
     assert main(["--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--samples", "3", "--figures", "1",
-                 "--steps", "1", "--train-size", "4", "--finetune-steps", "1"]) == 0
+                 "--steps", "1", "--train-size", "4", "--finetune-steps", "1", "--trunk-steps", "2",
+                 "--trunk-frames", "2"]) == 0

@@ -1,8 +1,9 @@
 """``make demo``: the tour of fusionlens, one step after another (``python -m fusionlens.demo --out DIR``).
 
 Steps: (1) generate a small built-in dataset, (2) draw sample figures, then the main job
-(:mod:`fusionlens.demo_pipeline`): (3) train a tiny camera-radar model, (4) evaluate it, (5) explain it with
-LMD, (6) prune it with AlterMOMA and a magnitude baseline, (7) write ``report.md``.
+(:mod:`fusionlens.demo_pipeline`): (3) pre-train the camera trunk on the world's pixel labels, (4) train a tiny
+camera-radar model, (5) evaluate it, (6) explain it with LMD, (7) prune it with AlterMOMA and a magnitude
+baseline, (8) write ``report.md``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def step_world_figures(ctx: dict[str, Any]) -> None:
 STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("built-in dataset", step_dataset),
     ("world figures", step_world_figures),
+    ("pre-train the camera trunk on the world's pixel labels", demo_pipeline.step_pretrain_camera),
     ("train a tiny camera-radar model", demo_pipeline.step_train),
     ("evaluate: vehicle IoU", demo_pipeline.step_evaluate),
     ("explain: LMD panels", demo_pipeline.step_explain),
@@ -56,15 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=150, help="training steps of the demo model")
     parser.add_argument("--train-size", type=int, default=64, help="training samples")
+    parser.add_argument("--trunk-steps", type=int, default=300, help="camera trunk pre-training steps")
+    parser.add_argument("--trunk-frames", type=int, default=128, help="frames for camera trunk pre-training")
     parser.add_argument("--finetune-steps", type=int, default=30, help="fine-tuning steps after pruning")
     args = parser.parse_args(argv)
-    if args.samples <= 0 or args.figures < 0 or args.steps <= 0 or args.train_size <= 0 or args.finetune_steps < 0:
-        parser.error("--samples, --steps and --train-size must be > 0; --figures and --finetune-steps >= 0")
+    positive = (args.samples, args.steps, args.train_size, args.trunk_steps, args.trunk_frames)
+    if min(positive) <= 0 or args.figures < 0 or args.finetune_steps < 0:
+        parser.error("--samples, --steps, --train-size, --trunk-steps and --trunk-frames must be > 0; "
+                     "--figures and --finetune-steps >= 0")
     if args.cache_dir:  # the CLI steps find the same cache through the environment
         os.environ["FUSIONLENS_CACHE"] = args.cache_dir
     ctx: dict[str, Any] = {"out": Path(args.out), "cache_dir": args.cache_dir, "samples": args.samples,
                            "figures": args.figures, "seed": args.seed, "config": WorldConfig(), "steps": args.steps,
-                           "train_size": args.train_size, "finetune_steps": args.finetune_steps}
+                           "train_size": args.train_size, "finetune_steps": args.finetune_steps,
+                           "trunk_steps": args.trunk_steps, "trunk_frames": args.trunk_frames}
     for k, (name, step) in enumerate(STEPS, 1):
         start = time.perf_counter()
         print(f"[{k}/{len(STEPS)}] {name}")

@@ -24,13 +24,26 @@ def _data_args(ctx: dict[str, Any]) -> list[str]:
     return ["--data-seed", str(ctx["seed"])]
 
 
+def step_pretrain_camera(ctx: dict[str, Any]) -> None:
+    """The camera ResNet trunk learns vehicles, road and sky from the world's pixel labels (in place of the
+    ImageNet weights real BEV models start from, which cannot be downloaded here)."""
+    trunk = ctx["out"] / "checkpoints" / "camera_trunk.pt"
+    ctx["camera_trunk"] = trunk
+    if trunk.is_file():
+        print(f"  reusing {trunk}")
+        return
+    _run(["pretrain", "camera", "--steps", str(ctx["trunk_steps"]), "--frames", str(ctx["trunk_frames"]),
+          "--batch-size", str(min(4, ctx["trunk_frames"])), "--val-frames", str(min(ctx["samples"], 16)),
+          "--out", str(trunk), *_data_args(ctx)])
+
+
 def step_train(ctx: dict[str, Any]) -> None:
     """A tiny camera-radar model on the built-in world (resumed if a previous demo run was interrupted)."""
     checkpoint = ctx["out"] / "checkpoints" / "camera_radar.pt"
     ctx["checkpoint"] = checkpoint
     argv = ["train", "--modalities", "camera,radar", "--preset", "tiny", "--steps", str(ctx["steps"]),
             "--train-size", str(ctx["train_size"]), "--val-size", "0", "--out", str(checkpoint),
-            *_data_args(ctx)]
+            "--camera-weights", str(ctx["camera_trunk"]), *_data_args(ctx)]
     if checkpoint.exists():
         argv.append("--resume")
     _run(argv)
