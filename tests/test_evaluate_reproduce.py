@@ -57,6 +57,18 @@ def test_cells_resume_and_tables(checkpoints, tmp_path):
     assert table == summarise(out) + "\n"
 
 
+def test_per_seed_models(tmp_path):
+    config = preset_config("tiny", "camera,radar", **SMALL)
+    model = build_model(config)
+    save_checkpoint(tmp_path / "tiny_camera_radar.pt", model=model, model_config=config, train_config={"seed": 0})
+    save_checkpoint(tmp_path / "tiny_camera_radar_seed1.pt", model=model, model_config=config)
+    runner = LMDRunner(LMDReproduceConfig(checkpoints=str(tmp_path)))
+    # the reference checkpoint trained with seed 0 is seed 0's own model; seed 2 has none and shares it
+    assert runner.checkpoint("camera_radar", 0) == (tmp_path / "tiny_camera_radar.pt", True)
+    assert runner.checkpoint("camera_radar", 1) == (tmp_path / "tiny_camera_radar_seed1.pt", True)
+    assert runner.checkpoint("camera_radar", 2) == (tmp_path / "tiny_camera_radar.pt", False)
+
+
 def test_config_errors(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="pairs"):
         LMDReproduceConfig(pairs=("camera_sonar",)).check()

@@ -141,7 +141,11 @@ class LMDRunner:
             mods = ",".join(PAIRS[pair])
             raise FileNotFoundError(f"no checkpoint {shared} (train it: fusionlens train --preset tiny --modalities "
                                     f"{mods} --out {shared}, or benchmarks/train_reference.py)")
-        return shared, False
+        from fusionlens.train.checkpoint import load_checkpoint
+
+        # the reference checkpoint is itself the model trained with its own seed (0 for make reference-models)
+        trained_with = (load_checkpoint(shared).get("train_config") or {}).get("seed")
+        return shared, trained_with == seed
 
     def cells(self) -> list[tuple[str, int, str, str]]:
         """Seed-major order, so that an interrupted run already holds whole seeds of every pair."""
