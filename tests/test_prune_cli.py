@@ -95,12 +95,13 @@ def test_runner_cells_are_atomic_and_resume(tmp_path: Path) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         runner._cell("unstructured/a/m/s0.8/seed0.json", crash)
-    assert not (tmp_path / "unstructured/a/m/s0.8/seed0.json").exists()
+    assert runner.out == tmp_path / "pretrained"  # the default recipe's cell tree
+    assert not (runner.out / "unstructured/a/m/s0.8/seed0.json").exists()
     assert runner._cell("unstructured/a/m/s0.8/seed0.json", lambda: {"iou": 0.5}) == {"iou": 0.5}
     # a finished cell is read back, never recomputed
     assert runner._cell("unstructured/a/m/s0.8/seed0.json", crash) == {"iou": 0.5}
     assert calls == ["crash"]
-    assert json.loads((tmp_path / "config.json").read_text())["seeds"] == [0]
+    assert json.loads((runner.out / "config.json").read_text())["seeds"] == [0]
     jobs = list(runner.jobs())
     assert len({a for k, a in jobs if k == "unstructured"}) == 2 * 3 * len(METHODS)
     # the ablation reuses the main grid's alpha = beta = 1 cells and adds the other betas

@@ -19,6 +19,7 @@ from fusionlens.models import FusionModel, batch_to_inputs
 from fusionlens.prune.params import LossFn
 from fusionlens.prune.pruner import dense_state_dict, get_masks
 from fusionlens.train.checkpoint import load_model, save_checkpoint
+from fusionlens.train.loop import TASKS, extra_head_loss
 from fusionlens.train.losses import LossConfig, simplebev_loss
 
 #: Forward inputs of the reference models that are calibration, not sensor data: SynFlow's all-ones input
@@ -26,13 +27,22 @@ from fusionlens.train.losses import LossConfig, simplebev_loss
 CALIBRATION_INPUTS: tuple[str, ...] = ("intrinsics", "cam_to_ego")
 
 
-def reference_loss(config: LossConfig | None = None) -> LossFn:
-    """SimpleBEV's training loss (``simplebev_loss(...)["total"]``) as a ``loss_fn(model, batch)``."""
+def reference_loss(config: LossConfig | None = None, task: str = "segmentation") -> LossFn:
+    """The reference models' training loss for ``task`` as a ``loss_fn(model, batch)``, exactly as
+    :func:`fusionlens.train.loop.train` sums it, so pruning scores and fine-tunes what the model was trained for:
+    the extra heads' losses (the CenterPoint detection head's focal + L1 terms, ``extra_head_loss``) plus, unless
+    ``task == "detection"``, SimpleBEV's segmentation loss (``simplebev_loss(...)["total"]``)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     cfg = config or LossConfig()
 
     def loss_fn(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         inputs, kwargs = batch_to_inputs(model, batch)  # type: ignore[arg-type]
-        return simplebev_loss(model(**inputs, **kwargs), batch, cfg)["total"]
+        out = model(**inputs, **kwargs)
+        loss = extra_head_loss(getattr(model, "module", model), out, batch)  # type: ignore[arg-type]
+        if task != "detection":
+            loss = loss + simplebev_loss(out, batch, cfg)["total"]
+        return loss
 
     return loss_fn
 

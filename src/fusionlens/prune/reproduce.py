@@ -1,16 +1,35 @@
 """``fusionlens reproduce altermoma``: the AlterMOMA tables on the built-in world, resumably.
 
-Grids (each cell one JSON file under ``out_dir``, written atomically; an existing cell is never recomputed,
-so an interrupted run resumes where it stopped and loses nothing):
+The reference models (:mod:`fusionlens.prune.reference_models`): by default (``reference_recipe="pretrained"``,
+issue 8) each fusion model is initialised from separately pre-trained single-modality backbones -- the setting
+AlterMOMA prunes; ``"scratch"`` trains it jointly from scratch. ``task`` picks what they are trained and scored
+for (issue 9): ``"segmentation"`` (vehicle IoU, Table 3 layout), ``"detection"`` (a CenterPoint head, nuScenes
+mAP / NDS, Table 1 layout) or ``"both"``; ``lidar_encoder="pillars"`` and ``camera_depth`` (ResNet-18/34/50/101)
+give Table 4's "various backbones". The pruning loss is the training loss of that task (``reference_loss``).
 
-* ``dense/<pair>.json`` -- the trained reference model (camera-LiDAR, camera-radar) and its val IoU;
+    # Table 1 (detection: mAP / NDS), Table 3 (segmentation: IoU), Table 4 (PointPillars LiDAR backbone; add
+    # --camera-depth 34/50/101 for a deeper camera ResNet; structured pruning does not support pillars yet)
+    fusionlens reproduce altermoma --pairs camera,lidar --task detection
+    fusionlens reproduce altermoma
+    fusionlens reproduce altermoma --pairs camera,lidar --task detection --lidar-encoder pillars --structured-ratios ""
+
+Grids (each cell one JSON file under the variant's cell tree, written atomically; an existing cell is never
+recomputed, so an interrupted run resumes where it stopped and loses nothing):
+
+* ``dense/<pair>.json`` -- the reference model (camera-LiDAR, camera-radar), how it was made, its val metrics;
 * ``unstructured/<pair>/<method>/s<rho>/seed<k>.json`` -- Table 1/3 style: every method at 80/85/90%;
-* ``structured/<pair>/<method>/r<ratio>/seed<k>.json`` -- Table 5 style: channel ratio 30/50%, IoU, GFLOPs,
+* ``structured/<pair>/<method>/r<ratio>/seed<k>.json`` -- Table 5 style: channel ratio 30/50%, metrics, GFLOPs,
   CPU latency before and after;
 * ``ablation/<pair>/b<beta>/s<rho>/seed<k>.json`` -- appendix F: AlterMOMA at several beta/alpha.
 
+The cell tree is ``out_dir/<tag>`` (e.g. ``pretrained``, ``pretrained-detection-pillars``), except for the
+scratch / segmentation / raster / ResNet-18 variant, whose cells stay in ``out_dir`` itself where they were made
+before the recipe existed; ``recipe.json`` in each tree makes mixing variants impossible (see
+:mod:`fusionlens.prune.reference_models`). ``results.md`` and ``ablation.png`` are written into the tree.
+
 Every cell: score the reference model, prune, fine-tune ``finetune_steps`` Adam steps with masks fixed (or
-on the physically smaller model), evaluate vehicle IoU on the validation split.
+on the physically smaller model), evaluate on the validation split: vehicle IoU always, and mAP / NDS (with
+the TP errors) when the model has a detection head.
 """
 
 from __future__ import annotations
@@ -18,20 +37,30 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fusionlens.io import atomic_write_json
-from fusionlens.models import FusionModel, ModelConfig, preset_config
+from fusionlens.models import FusionModel, ModelConfig
+from fusionlens.models.config import CAMERA_DEPTHS
 from fusionlens.prune.api import METHODS, build_importance, prune
 from fusionlens.prune.cost import cost_report
-from fusionlens.prune.params import prunable_parameters
+from fusionlens.prune.params import LossFn, prunable_parameters
 from fusionlens.prune.pruner import finetune
-from fusionlens.prune.reference import CALIBRATION_INPUTS, example_inputs, load_reference, reference_loss
+from fusionlens.prune.reference import CALIBRATION_INPUTS, example_inputs, reference_loss
+from fusionlens.prune.reference_models import (
+    MANAGED_FIELDS,
+    RECIPES,
+    ReferenceModels,
+    cell_root,
+    claim_root,
+    describe,
+    variant_of,
+)
 from fusionlens.prune.structured import structured_prune
+from fusionlens.train.loop import TASKS
 
 
 @dataclass
@@ -56,6 +85,15 @@ class ReproduceConfig:
     reference_steps: int = 200
     reference_batch: int = 4
     reference_lr: float = 3e-3
+    # how the reference models are made (see fusionlens.prune.reference_models): "pretrained" | "scratch"
+    reference_recipe: str = "pretrained"
+    reference_freeze_steps: int = 50  # pretrained: fusion training keeps the loaded backbones frozen this long
+    trunk_frames: int = 512  # pretrained: world frames and steps of the camera trunk's pre-training
+    trunk_steps: int = 600
+    # what they are trained and scored for, and their backbones (Tables 1 / 3 / 4)
+    task: str = "segmentation"  # "segmentation" | "detection" | "both"
+    lidar_encoder: str = "raster"  # a registered point encoder: "raster" (SimpleBEV) or "pillars" (PointPillars)
+    camera_depth: int = 18  # the camera ResNet's depth
     batch_size: int = 2
     finetune_steps: int = 25
     finetune_lr: float = 1e-3
@@ -82,6 +120,30 @@ class ReproduceConfig:
             raise ValueError("seeds is empty")
         if self.ablation_pair is not None and self.ablation_pair not in self.pairs:
             raise ValueError(f"ablation_pair {self.ablation_pair!r} is not one of pairs {list(self.pairs)}")
+        if self.reference_recipe not in RECIPES:
+            raise ValueError(f"reference_recipe must be one of {list(RECIPES)}, got {self.reference_recipe!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
+        from fusionlens.models.registry import get_point_encoder
+
+        get_point_encoder(self.lidar_encoder)  # ValueError naming the registered encoders
+        if self.camera_depth not in CAMERA_DEPTHS:
+            raise ValueError(f"camera_depth must be one of {list(CAMERA_DEPTHS)}, got {self.camera_depth}")
+        managed = sorted(set(self.model_overrides) & set(MANAGED_FIELDS))
+        if managed:
+            raise ValueError(f"model_overrides may not set {managed}: the pairs, task, lidar_encoder, camera_depth "
+                             "and reference_recipe settings own them")
+        for name in ("trunk_frames", "trunk_steps", "reference_steps", "reference_batch"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lidar_encoder != "raster" and self.structured_ratios and any("lidar" in p for p in self.pairs):
+            # structured_prune maps the pillars encoder's block1 channels onto the fusion conv twice (directly and
+            # through its block2 / up2 path) and fails after the whole unstructured grid: refuse up front
+            raise ValueError(f"structured pruning (structured_ratios, Table 5) does not support the "
+                             f"{self.lidar_encoder!r} LiDAR encoder yet: pass --structured-ratios '' (Table 4 is "
+                             "unstructured)")
+        if self.reference_freeze_steps < 0:
+            raise ValueError(f"reference_freeze_steps must be >= 0, got {self.reference_freeze_steps}")
 
 
 def _slug(pair: str) -> str:
@@ -103,8 +165,11 @@ class Runner:
     def __init__(self, config: ReproduceConfig, progress: bool = True) -> None:
         config.validate()
         self.cfg, self.progress = config, progress
-        self.out = Path(config.out_dir)
+        self.variant = variant_of(config)
+        self.out = cell_root(config.out_dir, self.variant)  # this variant's cell tree (module docstring)
+        claim_root(self.out, self.variant)  # before any work: refuses a tree of another recipe
         self._data: tuple[Dataset, Dataset] | None = None
+        self.models = ReferenceModels(config, self.out, self.data, progress)
         atomic_write_json(self.out / "config.json", asdict(config))
 
     # -- data and reference models ----------------------------------------------------------------------
@@ -121,29 +186,31 @@ class Runner:
         return self._data
 
     def model_config(self, pair: str) -> ModelConfig:
-        grid = self.data()[0][0].grid
-        return preset_config("tiny", pair, grid=grid, **self.cfg.model_overrides)
+        return self.models.model_config(pair)
 
     def reference(self, pair: str) -> FusionModel:
-        from fusionlens.train.loop import TrainConfig, train
+        """The reference model of ``pair`` under this run's recipe (trained first when missing)."""
+        return self.models.load(pair)
 
-        path = self.out / "checkpoints" / f"{_slug(pair)}.pt"
-        if not path.is_file():
-            train_set, val_set = self.data()
-            tcfg = TrainConfig(
-                steps=self.cfg.reference_steps,
-                batch_size=self.cfg.reference_batch,
-                lr=self.cfg.reference_lr,
-                seed=self.cfg.data_seed,
-            )
-            train(self.model_config(pair), tcfg, train_set, checkpoint=path, progress=self.progress)
-        model, _ = load_reference(path)
-        return model
+    def loss(self) -> LossFn:
+        """The pruning loss: the reference models' training loss for ``task``."""
+        return reference_loss(task=self.cfg.task)
 
-    def evaluate(self, model: torch.nn.Module) -> float:
+    def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Val metrics of a cell: ``iou`` (vehicle IoU), and ``mAP`` / ``NDS`` / ``detection`` (TP errors,
+        per-class AP) when the model has a detection head."""
         from fusionlens.train.loop import evaluate
 
-        return float(evaluate(model, self.data()[1], batch_size=4, progress=False)["all"])  # type: ignore[arg-type]
+        val = self.data()[1]
+        iou = evaluate(model, val, batch_size=4, progress=False)["all"]  # type: ignore[arg-type]
+        out: dict[str, Any] = {"iou": float(iou)}
+        if model.config.extra_heads.get("centerpoint") is not None:  # type: ignore[union-attr]
+            from fusionlens.evaluate.detection import TP_METRIC_NAMES, evaluate_detector
+
+            report = evaluate_detector(model, val, batch_size=4, progress=False).to_dict()
+            keep = (*TP_METRIC_NAMES.values(), "class_aps", "num_gt", "num_pred")
+            out.update(mAP=report["mAP"], NDS=report["NDS"], detection={k: report[k] for k in keep})
+        return out
 
     # -- cells ------------------------------------------------------------------------------------------------
     def _cell(self, rel: str, compute: Any) -> dict[str, Any]:
@@ -160,7 +227,10 @@ class Runner:
             ex = example_inputs(model, next(iter(_loader(self.data()[1], 1, 0))))
             return {
                 "pair": pair,
-                "iou": self.evaluate(model),
+                "reference": describe(self.variant),
+                **self.variant,
+                **self.models.provenance(pair),
+                **self.evaluate(model),
                 "cost": cost_report(model, ex, repeats=5),
                 "n_prunable": sum(model.get_parameter(n).numel() for n in prunable_parameters(model)),
             }
@@ -207,7 +277,7 @@ class Runner:
                 model,
                 method,
                 rho,
-                loss_fn=reference_loss(),
+                loss_fn=self.loss(),
                 batches=batches,
                 input_factory=lambda: example_inputs(model, ex_batch),
                 finetune_steps=self.cfg.finetune_steps,
@@ -223,7 +293,8 @@ class Runner:
                 "seed": seed,
                 "beta": beta,
                 "extra_options": options or {},
-                "iou": self.evaluate(result.model),
+                "task": self.cfg.task,
+                **self.evaluate(result.model),
                 **report,
             }
 
@@ -238,7 +309,7 @@ class Runner:
             ex = example_inputs(model, next(iter(_loader(val_set, 1, 0))))
             importance = build_importance(
                 method,
-                loss_fn=reference_loss(),
+                loss_fn=self.loss(),
                 batches=batches,
                 input_factory=lambda: ex,
                 **self._options(method, seed),
@@ -246,13 +317,14 @@ class Runner:
             scores = importance(model, prunable_parameters(model), ratio)
             info: dict[str, Any] = {}
             small = structured_prune(model, scores, ratio, ex, report=info)
-            finetune(small, reference_loss(), batches, self.cfg.finetune_steps, lr=self.cfg.finetune_lr)
+            finetune(small, self.loss(), batches, self.cfg.finetune_steps, lr=self.cfg.finetune_lr)
             return {
                 "pair": pair,
                 "method": method,
                 "ratio": ratio,
                 "seed": seed,
-                "iou": self.evaluate(small),
+                "task": self.cfg.task,
+                **self.evaluate(small),
                 "before": cost_report(model, ex, repeats=5),
                 "after": cost_report(small, ex, repeats=5),
                 "scoring_backward_passes": importance.backward_passes,

@@ -1,0 +1,236 @@
+"""The reference models ``fusionlens reproduce altermoma`` prunes (issues 8 and 9), and which cell tree is theirs.
+
+Two recipes (``ReproduceConfig.reference_recipe``):
+
+* ``pretrained`` (the default; AlterMOMA sections 1 and 3.2): real camera-LiDAR fusion models load backbones that
+  were pre-trained *separately* on each modality, so each learned to extract everything on its own and the fused
+  model carries redundant features across modalities -- what alternative modality masking finds and prunes. Here:
+  a world-pretrained camera trunk ``checkpoints/camera_trunk.pt`` (:func:`~fusionlens.train.camera_pretrain.\
+pretrain_camera`, the stand-in for ImageNet) initialises every camera model; single-modality models
+  ``checkpoints/single_<modality>.pt`` are trained alone with the fusion model's architecture settings, schedule and
+  task; the fusion model ``checkpoints/<pair>_pre.pt`` loads their backbones
+  (:func:`~fusionlens.train.pretrained.backbone_initialiser`) and trains with them frozen for
+  ``reference_freeze_steps`` steps (:func:`~fusionlens.train.pretrained.freeze_hooks`), as
+  ``benchmarks/train_reference.py --pretrained`` does.
+* ``scratch``: the fusion model ``checkpoints/<pair>.pt`` trained jointly from random initialisation, camera trunk
+  included (the reproduction's recipe before issue 8; kept for comparison).
+
+Every model is a cached file: reused when it holds the expected architecture and schedule, continued when a run was
+cut off (the train loop saves atomically every 50 steps), and refused, with the differences listed, when it was
+made with other settings -- a cached model is never silently reused for another one.
+
+Cell trees: the *variant* -- recipe, task, LiDAR encoder, camera ResNet depth -- decides where cells live.
+``out_dir`` itself holds the scratch / segmentation / raster / ResNet-18 variant (the layout from before issues 8
+and 9, so the cells made then are found again); every other variant lives in ``out_dir/<tag>``, e.g.
+``pretrained``, ``pretrained-detection``, ``pretrained-detection-pillars``, ``pretrained-both-pillars-r34``. Each
+tree's ``recipe.json`` names its variant and a run of another variant is refused there, so cells of different
+recipes can never mix; a tree holding cells but no ``recipe.json`` predates the file and is taken to be scratch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from fusionlens.io import atomic_write_json
+from fusionlens.models import FusionModel, ModelConfig, preset_config
+from fusionlens.prune.reference import load_reference
+
+RECIPES: tuple[str, ...] = ("pretrained", "scratch")
+RECIPE_TEXT: dict[str, str] = {
+    "pretrained": "fusion model initialised from separately pre-trained single-modality backbones (issue 8)",
+    "scratch": "fusion model trained jointly from scratch (no pre-trained backbone, no camera trunk)",
+}
+#: the variant of every cell made before the recipe existed; its cells stay at the top of ``out_dir``
+LEGACY_VARIANT: dict[str, Any] = {"recipe": "scratch", "task": "segmentation", "lidar_encoder": "raster",
+                                  "camera_depth": 18}
+#: architecture fields the dedicated ReproduceConfig fields own (so the variant names every model difference)
+MANAGED_FIELDS: tuple[str, ...] = ("modalities", "preset", "grid", "camera_depth", "camera_weights",
+                                   "point_encoders", "extra_heads")
+_CELL_DIRS = ("checkpoints", "dense", "unstructured", "structured", "ablation", "sweep", "variant")
+_SCHEDULE = ("steps", "batch_size", "lr", "seed", "task")  # what a cached model must have been trained with
+SAVE_EVERY = 50
+
+
+def variant_of(cfg: Any) -> dict[str, Any]:
+    """The settings of a ReproduceConfig that make different reference models (and so different cells)."""
+    return {"recipe": cfg.reference_recipe, "task": cfg.task, "lidar_encoder": cfg.lidar_encoder,
+            "camera_depth": int(cfg.camera_depth)}
+
+
+def variant_tag(variant: dict[str, Any]) -> str:
+    """Directory name of a variant: the recipe, then whatever differs from the defaults."""
+    parts = [variant["recipe"]]
+    if variant["task"] != "segmentation":
+        parts.append(variant["task"])
+    if variant["lidar_encoder"] != "raster":
+        parts.append(variant["lidar_encoder"])
+    if variant["camera_depth"] != 18:
+        parts.append(f"r{variant['camera_depth']}")
+    return "-".join(parts)
+
+
+def cell_root(out_dir: str | Path, variant: dict[str, Any]) -> Path:
+    """Where a variant's cells live: ``out_dir`` for the legacy variant, ``out_dir/<tag>`` for every other."""
+    return Path(out_dir) if variant == LEGACY_VARIANT else Path(out_dir) / variant_tag(variant)
+
+
+def describe(variant: dict[str, Any]) -> str:
+    """One line for the dense cells and the head of results.md."""
+    return (f"{RECIPE_TEXT[variant['recipe']]}; recipe `{variant['recipe']}`, task {variant['task']}, "
+            f"LiDAR encoder {variant['lidar_encoder']}, camera ResNet-{variant['camera_depth']}")
+
+
+def claim_root(root: Path, variant: dict[str, Any]) -> None:
+    """Record ``variant`` in ``root/recipe.json``; ``ValueError`` when the tree holds another variant's cells."""
+    path = root / "recipe.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())["variant"]
+    elif any((root / d).exists() for d in _CELL_DIRS):
+        stored = LEGACY_VARIANT  # cells from before recipe.json existed: all made with the scratch recipe
+    else:
+        stored = variant
+    if stored != variant:
+        raise ValueError(
+            f"{root} holds cells of reference variant {stored} ({variant_tag(stored)}), not {variant} "
+            f"({variant_tag(variant)}): cells of different recipes must not mix -- pass the parent folder as "
+            "--out (each variant gets its own sub-tree) or another --out"
+        )
+    if not path.is_file():
+        atomic_write_json(path, {"variant": variant, "reference": describe(variant)})
+
+
+class ReferenceModels:
+    """Finds or trains the reference models of one variant in ``<root>/checkpoints`` (see the module doc)."""
+
+    def __init__(self, cfg: Any, root: Path, data: Callable[[], tuple[Dataset, Dataset]], progress: bool) -> None:
+        self.cfg, self.dir, self.data, self.progress = cfg, Path(root) / "checkpoints", data, progress
+
+    @property
+    def pretrained(self) -> bool:
+        return self.cfg.reference_recipe == "pretrained"
+
+    def model_config(self, modalities: str) -> ModelConfig:
+        """The architecture of the model over ``modalities`` (``"camera,lidar"`` or one modality)."""
+        c = self.cfg
+        config = preset_config("tiny", modalities, grid=self.data()[0][0].grid, camera_depth=c.camera_depth,
+                               **c.model_overrides)
+        changes: dict[str, Any] = {}
+        if c.lidar_encoder != "raster" and "lidar" in config.modalities:
+            changes["point_encoders"] = {"lidar": c.lidar_encoder}
+        if c.task != "segmentation":
+            changes["extra_heads"] = {"centerpoint": {}}
+        if self.pretrained and "camera" in config.modalities:
+            changes["camera_weights"] = str(self.dir / "camera_trunk.pt")
+        return config.with_(**changes) if changes else config
+
+    def camera_trunk(self) -> Path:
+        """The world-pretrained camera trunk (made once; an interrupted pre-training continues)."""
+        from fusionlens.train.camera_pretrain import CameraPretrainConfig, pretrain_camera
+
+        c = self.cfg
+        frames = c.trunk_frames
+        config = CameraPretrainConfig(depth=c.camera_depth, world_seed=c.data_seed, frames=frames, steps=c.trunk_steps,
+                                      batch_size=min(4, frames), val_frames=min(32, frames))
+        path, report = self.dir / "camera_trunk.pt", self.dir / "camera_trunk.json"
+        if path.is_file() and report.is_file():
+            saved = json.loads(report.read_text())["config"]
+            if saved != config.to_dict():
+                raise ValueError(f"{path} was pre-trained with {saved}, not {config.to_dict()}: delete it or "
+                                 "pass the same --trunk-frames / --trunk-steps")
+            return path
+        pretrain_camera(config, path, progress=self.progress)
+        return path
+
+    def single(self, modality: str) -> Path:
+        """The single-modality model whose backbone the pretrained fusion models start from."""
+        return self._trained(self.dir / f"single_{modality}.pt", self.model_config(modality), validate=True)
+
+    def fusion(self, pair: str) -> Path:
+        """The checkpoint of the reference fusion model over ``pair`` (trained first when missing)."""
+        config = self.model_config(pair)
+        slug = "_".join(config.modalities)
+        if not self.pretrained:
+            return self._trained(self.dir / f"{slug}.pt", config)
+        init = {m: str(self.single(m)) for m in config.modalities}
+        return self._trained(self.dir / f"{slug}_pre.pt", config, init_from=init)
+
+    def load(self, pair: str) -> FusionModel:
+        model, _ = load_reference(self.fusion(pair))
+        return model
+
+    def provenance(self, pair: str) -> dict[str, Any]:
+        """How the reference model of ``pair`` was made, for its dense cell."""
+        from fusionlens.train.checkpoint import load_checkpoint
+
+        out: dict[str, Any] = {"checkpoint": str(self.fusion(pair))}
+        if self.pretrained:
+            mods = self.model_config(pair).modalities
+            out["freeze_steps"] = self.cfg.reference_freeze_steps
+            out["camera_trunk"] = str(self.dir / "camera_trunk.pt") if "camera" in mods else None
+            out["initialised_from"] = {
+                m: {"checkpoint": str(p), "val_iou": load_checkpoint(p)["metrics"].get("all")}
+                for m, p in ((m, self.single(m)) for m in mods)
+            }
+        return out
+
+    # -- one cached training run --------------------------------------------------------------------------------
+    def _train_config(self) -> Any:
+        from fusionlens.train.loop import TrainConfig
+
+        c = self.cfg
+        return TrainConfig(steps=c.reference_steps, batch_size=c.reference_batch, lr=c.reference_lr,
+                           seed=c.data_seed, save_every=SAVE_EVERY, task=c.task)
+
+    def _trained(self, path: Path, config: ModelConfig, init_from: dict[str, str] | None = None,
+                 validate: bool = False) -> Path:
+        """``path`` holding ``config`` trained on the reference schedule: reused, continued, or trained."""
+        from fusionlens.train.checkpoint import load_checkpoint
+        from fusionlens.train.loop import train
+        from fusionlens.train.pretrained import backbone_initialiser, freeze_hooks
+
+        tcfg = self._train_config()
+        resume = False
+        if path.is_file():
+            payload = load_checkpoint(path)
+            diff = _differences(payload, config, tcfg.to_dict())
+            if diff:
+                raise ValueError(
+                    f"{path} was made with other settings -- "
+                    + "; ".join(f"{k}: wanted {a!r} vs saved {b!r}" for k, (a, b) in diff.items())
+                    + " -- delete it or use another --out"
+                )
+            if int(payload["step"]) >= tcfg.steps:
+                return path
+            resume = True  # cut off mid-schedule: continue exactly where the last save left it
+        if config.camera_weights is not None and not resume:
+            self.camera_trunk()
+        prepare, hooks = None, (None, None)
+        if init_from:
+            prepare = backbone_initialiser(init_from)
+            hooks = freeze_hooks(list(init_from), self.cfg.reference_freeze_steps)
+        train_set, val_set = self.data()
+        train(config, tcfg, train_set, val_set=val_set if validate else None, checkpoint=path, resume=resume,
+              prepare_model=prepare, step_hook=hooks[0], after_backward=hooks[1], progress=self.progress)
+        return path
+
+
+def _differences(payload: dict[str, Any], config: ModelConfig, schedule: dict[str, Any]) -> dict[str, tuple]:
+    """Architecture and schedule settings a cached checkpoint differs in (name -> (wanted, saved)).
+
+    The camera trunk's path is compared only as present / absent (the trunk file is checked on its own), and a
+    checkpoint from before ``TrainConfig.task`` existed was trained for segmentation.
+    """
+    saved = ModelConfig.from_dict(payload["model_config"]).to_dict()
+    wanted = config.to_dict()
+    for d in (saved, wanted):
+        d["camera_weights"] = d["camera_weights"] is not None
+    diff = {k: (wanted[k], saved.get(k)) for k in wanted if wanted[k] != saved.get(k)}
+    old = dict(payload.get("train_config") or {})
+    old.setdefault("task", "segmentation")
+    diff.update({k: (schedule[k], old.get(k)) for k in _SCHEDULE if schedule[k] != old.get(k)})
+    return diff
