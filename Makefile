@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m fusionlens.demo --out $(OUT)
 
-# the tiny reference checkpoints later benchmarks reuse (out/checkpoints/tiny_*.pt); long: ~1-2 h on 2 CPU cores
+# the camera trunk and the tiny reference checkpoints later benchmarks reuse (out/checkpoints/), seeds 1-2 of the
+# camera-radar / camera-LiDAR models and their single-modality partners; long: ~2-3 h on 2 CPU cores
 reference-models: $(STAMP)
-	nice -n 10 $(PY) benchmarks/train_reference.py --steps 250 --train-size 512 --val-size 128 --pretrained
+	nice -n 10 $(PY) benchmarks/train_reference.py --steps 250 --train-size 512 --val-size 128 --pretrained \
+		--extra-seeds 1,2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,8 @@ COND_COLUMNS = (
 )
 
 
-def _command(name: str, mods: str, args: argparse.Namespace, extra: str = "") -> str:
+def _command(name: str, mods: str, args: argparse.Namespace, extra: str = "", seed: int = 0) -> str:
+    extra = (f" --seed {seed}" if seed else "") + extra
     weights = f" --camera-weights {args.camera_trunk}" if "camera" in mods and args.camera_trunk else ""
     return (
         f"fusionlens train --preset tiny --modalities {mods} --steps {args.steps} --batch-size "
@@ -115,7 +117,7 @@ def _train_one(
         hooks = freeze_hooks(list(init_from), args.freeze_steps)
         extra = "".join(f" --init-from {m}={p}" for m, p in init_from.items())
         extra += f" --freeze-steps {args.freeze_steps}"
-    print(f"== {name} ({mods}): {_command(name, mods, args, extra)}", flush=True)
+    print(f"== {name} ({mods}): {_command(name, mods, args, extra, tcfg.seed)}", flush=True)
     res = train(
         config,
         tcfg,
@@ -135,7 +137,7 @@ def _train_one(
         "metrics": res.metrics,
         "seconds": res.seconds,
         "checkpoint": str(path),
-        "command": _command(name, mods, args, extra),
+        "command": _command(name, mods, args, extra, tcfg.seed),
     }
 
 
@@ -187,6 +189,9 @@ def main() -> None:
                     help="world-pretrained camera trunk (made first if missing); '' trains cameras from scratch")
     ap.add_argument("--trunk-steps", type=int, default=600)
     ap.add_argument("--trunk-frames", type=int, default=512)
+    ap.add_argument("--extra-seeds", default="", help="also train these seeds (e.g. 1,2) of --seed-models, as "
+                    "tiny_<name>_seed<s>.pt: the per-seed models of the LMD reproduction and the seed spread")
+    ap.add_argument("--seed-models", default="radar,lidar,camera_radar,camera_lidar")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -203,10 +208,14 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--only: unknown models {unknown}; known {list(MODELS)}")
     _camera_trunk(args)
+    seed_names = [n for n in args.seed_models.split(",") if n]
+    if sorted(set(seed_names) - set(MODELS)):
+        raise SystemExit(f"--seed-models: unknown models {sorted(set(seed_names) - set(MODELS))}")
     if not args.pretrained:
         rows = [_train_one(n, MODELS[n], tcfg, data, args) for n in names]
         atomic_write_json(out / "reference.json", {"args": vars(args), "rows": rows})
         print(table(rows))
+        _seed_models(seed_names, tcfg, data, args)
         return
     # the recipe in one command: single-modality backbones and scratch fusion models (reused when present),
     # then the fusion models initialised from the backbones
@@ -231,6 +240,16 @@ def main() -> None:
     atomic_write_json(out / "pretrained.json", {"args": vars(args), "rows": base + rows, "redundancy": report})
     print(table(base + rows))
     print(redundancy_table(report))
+    _seed_models(seed_names, tcfg, data, args)
+
+
+def _seed_models(names: list[str], tcfg: TrainConfig, data: tuple[Any, Any], args: argparse.Namespace) -> None:
+    """``--extra-seeds``: the same models trained with other seeds (``tiny_<name>_seed<s>.pt``)."""
+    seeds = [int(v) for v in args.extra_seeds.split(",") if v.strip()]
+    rows = [_train_one(f"{n}_seed{s}", MODELS[n], replace(tcfg, seed=s), data, args) for s in seeds for n in names]
+    if rows:
+        atomic_write_json(Path(args.out_dir) / "seeds.json", {"args": vars(args), "rows": rows})
+        print(table(rows))
 
 
 if __name__ == "__main__":
