@@ -1,15 +1,17 @@
 """Structured pruning: channel removal keeps output shapes, and across the modality concatenation it is
-exactly equivalent to zeroing the removed channels' columns of the fusion conv."""
+exactly equivalent to zeroing the removed channels' columns of the fusion conv (and, in a multi-path encoder
+such as PointPillars', the inputs of the encoder layers behind the removed channels)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from fusionlens.prune.baselines import MagnitudeImportance
 from fusionlens.prune.cost import cost_report
-from fusionlens.prune.params import prunable_parameters
-from fusionlens.prune.structured import concat_mapping, structured_prune
+from fusionlens.prune.params import clone_model, prunable_parameters
+from fusionlens.prune.structured import concat_mapping, plan_channels, structured_prune
 from prune_tiny import TinyFusion
 
 
@@ -111,3 +113,145 @@ def test_full_structured_pruning_keeps_shapes_and_cuts_cost() -> None:
     before, after = cost_report(model, x, repeats=1), cost_report(pruned, x, repeats=1)
     assert after["params"] < before["params"] and after["gflops"] < before["gflops"]
     assert model.camera[0].out_channels == 8  # the input model is untouched
+
+
+class SkipBranch(nn.Module):
+    """A LiDAR branch whose internal paths all meet the fusion concat: a skip (``x``), a residual add
+    (``r = x + c(b(x))``, so Torch-Pruning couples ``a`` and ``c``) and an FPN-style upsample-and-concat
+    (``u``); the branch *ends* in its own concatenation, as the pillars encoder does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 6, 1)
+        self.down = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.up = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        r = x + self.c(torch.relu(self.b(x)))
+        u = nn.functional.interpolate(torch.relu(self.down(r)), size=x.shape[-2:], mode="bilinear")
+        return torch.cat([x, r, self.up(u)], dim=1)
+
+
+class SkipFusion(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.camera = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU())
+        self.lidar = SkipBranch()
+        self.fuse = nn.Conv2d(4 + 6 + 6 + 4, 4, 1)
+        self.head = nn.Conv2d(4, 1, 1)
+
+    def forward(self, camera: torch.Tensor, lidar: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"seg": self.head(torch.relu(self.fuse(torch.cat([self.camera(camera), self.lidar(lidar)], 1))))}
+
+
+def test_multi_path_branch_is_mapped_per_path_and_exact() -> None:
+    """Each fusion-conv column belongs to the one layer that feeds it without another Conv in between: ``a``
+    owns ``x``'s columns and (with ``c``, coupled by the add) ``r``'s, never ``u``'s, which are ``up``'s."""
+    torch.manual_seed(3)
+    model = SkipFusion().eval()
+    x = inputs()
+    direct = concat_mapping(model, "lidar.a.0", "fuse", x)
+    assert direct == [[4 + j, 10 + j] for j in range(6)]  # x and, through the add, r; not u (behind down/up)
+    assert concat_mapping(model, "lidar.c", "fuse", x) == [[10 + j] for j in range(6)]
+    assert concat_mapping(model, "lidar.c", "fuse", x, coupled={"lidar.a.0": [[j] for j in range(6)]}) == direct
+    assert concat_mapping(model, "lidar.up", "fuse", x) == [[16 + k] for k in range(4)]
+    scores = MagnitudeImportance()(model, prunable_parameters(model))
+    lid = model.lidar
+    pruned = structured_prune(model, scores, 0.5, x, ignored_layers=[lid.b, lid.down, model.fuse])
+    p = pruned.lidar
+    assert p.a[0].out_channels == p.c.out_channels == p.a[1].num_features == p.b.in_channels == p.down.in_channels == 3
+    assert p.up.out_channels == 2 and pruned.camera[0].out_channels == 2 and pruned.fuse.in_channels == 2 + 3 + 3 + 2
+    gone_a = [j for j in range(6) if j not in _kept_out(lid.a[0], p.a[0])]
+    assert gone_a == [j for j in range(6) if j not in _kept_out(lid.c, p.c)]  # coupled: the same channels
+    gone_up = [k for k in range(4) if k not in _kept_out(lid.up, p.up)]
+    gone_cam = [k for k in range(4) if k not in _kept_out(model.camera[0], pruned.camera[0])]
+    ref = SkipFusion()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the oracle: every consumer's input slice of a removed channel zeroed
+        columns = gone_cam + [4 + j for j in gone_a] + [10 + j for j in gone_a] + [16 + k for k in gone_up]
+        ref.fuse.weight[:, columns] = 0
+        ref.lidar.b.weight[:, gone_a] = 0
+        ref.lidar.down.weight[:, gone_a] = 0
+    torch.testing.assert_close(pruned(**x)["seg"], ref.eval()(**x)["seg"])
+    full = structured_prune(model, scores, 0.5, x).lidar  # every group (output shapes are checked inside)
+    assert (full.a[0].out_channels, full.b.out_channels, full.down.out_channels, full.up.out_channels) == (3, 3, 4, 2)
+
+
+def _pillars_model() -> tuple[nn.Module, dict]:
+    """A tiny camera + PointPillars-LiDAR reference model with non-trivial BatchNorms, and example inputs."""
+    from decompose_zoo import randomise_norm_stats
+    from fusionlens.data.collate import collate_samples
+    from fusionlens.data.sample import BEVGrid
+    from fusionlens.models import build_model, preset_config
+    from fusionlens.prune.reference import example_inputs
+    from fusionlens.train.synthetic import SyntheticDataset
+
+    grid = BEVGrid(((-16.0, 16.0), (-16.0, 16.0), (-3.0, 3.0)), (16, 16, 2))
+    torch.manual_seed(0)
+    cfg = preset_config(
+        "tiny",
+        "camera,lidar",
+        grid=grid,
+        point_encoders={"lidar": "pillars"},
+        point_encoder_kwargs={"lidar": {"pointnet_channels": [8], "channels": 8}},
+        latent_dim=4,
+        fusion_dim=16,
+        decoder_width=8,
+        head_dim=8,
+    )
+    model = randomise_norm_stats(build_model(cfg)).eval()
+    data = SyntheticDataset(2, grid, image_size=(16, 24))
+    return model, example_inputs(model, collate_samples([data[0], data[1]]), n=2)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_pillars_lidar_model_prunes_consistently_and_exactly(ratio: float) -> None:
+    """The pillars' block1 reaches the fusion conv directly and through block2/up2: its fusion-conv columns
+    are its direct ones only, so no column is removed twice (was: ``ValueError: 48 is not in list``)."""
+    model, x = _pillars_model()
+    enc, z = model.encoders["lidar"], 2
+    assert concat_mapping(model, "encoders.lidar.block1.0", "fusion.conv", x) == [[4 * z + j] for j in range(8)]
+    scores = MagnitudeImportance()(model, prunable_parameters(model))
+    keep = {c: c - int(ratio * c) for c in (4, 8)}
+
+    pruned = structured_prune(model, scores, ratio, x)  # every group
+    p = pruned.encoders["lidar"]
+    assert p.block1[0].out_channels == p.up2[0].out_channels == keep[8] and p.block2[0].in_channels == keep[8]
+    assert p.block2[0].out_channels == p.up2[0].in_channels == p.block2[1].num_features == 16 - int(ratio * 16)
+    assert p.block1[0].in_channels == p.pointnet[0].out_features == p.pointnet[1].num_features == keep[8]
+    assert pruned.encoders["camera"].project.out_channels == keep[4]
+    bev = pruned.bev_features(**x)
+    assert bev["lidar"].shape[1] == 2 * keep[8] and bev["camera"].shape[1] == keep[4] * z
+    assert pruned.fusion.conv.in_channels == keep[4] * z + 2 * keep[8]
+    out, dense = pruned(**x), model(**x)
+    assert all(out[k].shape == dense[k].shape and torch.isfinite(out[k]).all() for k in dense)
+    before, after = cost_report(model, x, repeats=1), cost_report(pruned, x, repeats=1)
+    assert after["params"] < before["params"] and after["gflops"] < before["gflops"]
+
+    # only the layers feeding the fusion concat: exactly the dense model with the removed channels' inputs zeroed
+    feeding = {"encoders.camera.project", "encoders.lidar.block1.0", "encoders.lidar.up2.0"}
+    ignored = [m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in feeding]
+    plan, _ = plan_channels(clone_model(model), scores, ratio, x)
+    across = {e.module: e.columns for e in plan if e.consumer == "fusion.conv"}
+    assert across.keys() == feeding  # block1 and up2 planned apart: not fused by the branch-final concat
+    assert set(across["encoders.lidar.block1.0"]) <= set(range(4 * z, 4 * z + 8))
+    assert set(across["encoders.lidar.up2.0"]) <= set(range(4 * z + 8, 4 * z + 16))
+    pruned = structured_prune(model, scores, ratio, x, ignored_layers=ignored)
+    p, cam = pruned.encoders["lidar"], model.encoders["camera"].project
+    gone_cam = [j for j in range(4) if j not in _kept_out(cam, pruned.encoders["camera"].project)]
+    gone_b1 = [j for j in range(8) if j not in _kept_out(enc.block1[0], p.block1[0])]
+    gone_up = [j for j in range(8) if j not in _kept_out(enc.up2[0], p.up2[0])]
+    assert (len(gone_cam), len(gone_b1), len(gone_up)) == (4 - keep[4], 8 - keep[8], 8 - keep[8])
+    columns = [j * z + h for j in gone_cam for h in range(z)] + [4 * z + j for j in gone_b1]
+    columns += [4 * z + 8 + j for j in gone_up]
+    ref = clone_model(model)
+    with torch.no_grad():
+        ref.fusion.conv.weight[:, columns] = 0
+        ref.encoders["lidar"].block2[0].weight[:, gone_b1] = 0
+    want = ref.eval()(**x)
+    got = pruned(**x)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])

@@ -8,10 +8,10 @@ mAP / NDS, Table 1 layout) or ``"both"``; ``lidar_encoder="pillars"`` and ``came
 give Table 4's "various backbones". The pruning loss is the training loss of that task (``reference_loss``).
 
     # Table 1 (detection: mAP / NDS), Table 3 (segmentation: IoU), Table 4 (PointPillars LiDAR backbone; add
-    # --camera-depth 34/50/101 for a deeper camera ResNet; structured pruning does not support pillars yet)
+    # --camera-depth 34/50/101 for a deeper camera ResNet)
     fusionlens reproduce altermoma --pairs camera,lidar --task detection
     fusionlens reproduce altermoma
-    fusionlens reproduce altermoma --pairs camera,lidar --task detection --lidar-encoder pillars --structured-ratios ""
+    fusionlens reproduce altermoma --pairs camera,lidar --task detection --lidar-encoder pillars
 
 Grids (each cell one JSON file under the variant's cell tree, written atomically; an existing cell is never
 recomputed, so an interrupted run resumes where it stopped and loses nothing):
@@ -136,12 +136,6 @@ class ReproduceConfig:
         for name in ("trunk_frames", "trunk_steps", "reference_steps", "reference_batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.lidar_encoder != "raster" and self.structured_ratios and any("lidar" in p for p in self.pairs):
-            # structured_prune maps the pillars encoder's block1 channels onto the fusion conv twice (directly and
-            # through its block2 / up2 path) and fails after the whole unstructured grid: refuse up front
-            raise ValueError(f"structured pruning (structured_ratios, Table 5) does not support the "
-                             f"{self.lidar_encoder!r} LiDAR encoder yet: pass --structured-ratios '' (Table 4 is "
-                             "unstructured)")
         if self.reference_freeze_steps < 0:
             raise ValueError(f"reference_freeze_steps must be >= 0, got {self.reference_freeze_steps}")
 

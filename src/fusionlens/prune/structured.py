@@ -14,11 +14,15 @@ Concatenation: Torch-Pruning has open index-mapping bugs around ``torch.cat`` (i
 1.6.1 maps a plain two-branch concat correctly, but on the reference models (camera features lifted to BEV
 through reshapes before the concat) the concat node gets no offsets and its groups run past the layers'
 widths. Every group that reaches a concatenation is therefore handled in one place,
-:func:`_prune_across_concat`: Torch-Pruning on the producer's own branch (a graph without the concat), plus
-the fusion conv's input channels found by probing (:func:`concat_mapping`). Tested against an exact oracle
-in tests/test_prune_structured.py. A concatenation *inside* one branch (the camera encoder's merge of
-ResNet layer2 and layer3) is left unpruned and listed in the report: its producers also feed other layers,
-which the isolated-branch workaround cannot see.
+:func:`_prune_across_concat`: Torch-Pruning on the producer's own branch (a graph without the cross-modality
+concat, :func:`~fusionlens.prune.channel_map.branch_graph`), plus the fusion conv's input channels found by
+probing (:func:`~fusionlens.prune.channel_map.concat_mapping`). A branch may reach the concat along several
+paths -- the pillars encoder's FPN neck ``cat([block1, up2(block2(block1))])``, skips, residual adds -- so
+each fusion-conv column is attributed to the one layer (or set of add-coupled layers) feeding it *directly*,
+with no other Conv/Linear in between, and a column claimed twice is an error, never a double removal. Tested
+against exact oracles in tests/test_prune_structured.py. A concatenation *inside* one branch whose result
+feeds a layer of that branch (the camera encoder's merge of ResNet layer2 and layer3) is left unpruned and
+listed in the report: its producers also feed other layers, which the isolated-branch workaround cannot see.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch import nn
 from torch_pruning import ops
 from tqdm import tqdm
 
+from fusionlens.prune.channel_map import branch_graph, branch_of, concat_mapping
 from fusionlens.prune.params import call_model, check_sparsity, clone_model, output_tensors
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -101,56 +106,6 @@ def _boundary_consumer(group: Any, names: Mapping[nn.Module, str]) -> str | None
     return None
 
 
-def _branch(model: nn.Module, name: str) -> str:
-    """The outermost callable (non-container) module holding ``name``: its modality branch, e.g.
-    ``encoders.radar`` for ``encoders.radar.convs.0``."""
-    parts = name.split(".")
-    for depth in range(1, len(parts)):
-        prefix = ".".join(parts[:depth])
-        if not isinstance(model.get_submodule(prefix), (nn.ModuleDict, nn.ModuleList)):
-            return prefix
-    return name
-
-
-def concat_mapping(model: nn.Module, producer: str, consumer: str, example_inputs: Any) -> list[list[int]]:
-    """Which input channels of ``consumer`` each output channel of ``producer`` feeds, found by probing:
-    channel ``j`` is shifted by +1 and the consumer's input channels that move are recorded. Exact for any
-    wiring in between (concatenation offsets, a camera lift spreading a latent channel over Z height bins)
-    and independent of Torch-Pruning's concat bookkeeping. Costs one forward pass per channel."""
-    prod, cons = model.get_submodule(producer), model.get_submodule(consumer)
-    captured: list[torch.Tensor] = []
-    shift: list[int] = []
-    out_dim = -1 if isinstance(prod, nn.Linear) else 1
-    in_dim = -1 if isinstance(cons, nn.Linear) else 1
-
-    def on_output(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
-        if not shift:
-            return out
-        out = out.clone()
-        out.select(out_dim, shift[0]).add_(1.0)
-        return out
-
-    hooks = [
-        prod.register_forward_hook(on_output),
-        cons.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach())),
-    ]
-    mapping = []
-    try:
-        with torch.no_grad():
-            call_model(model, example_inputs)
-            base = captured.pop()
-            n_out = prod.out_features if isinstance(prod, nn.Linear) else prod.out_channels
-            for j in range(n_out):
-                shift[:] = [j]
-                call_model(model, example_inputs)
-                moved = (captured.pop() - base).abs().movedim(in_dim, 0).reshape(base.shape[in_dim], -1)
-                mapping.append([int(i) for i in torch.nonzero(moved.amax(1) > 1e-6).flatten()])
-    finally:
-        for h in hooks:
-            h.remove()
-    return mapping
-
-
 def _n_remove(module: nn.Module, ratio: float) -> int:
     n = module.out_features if isinstance(module, nn.Linear) else module.out_channels
     return min(int(ratio * n), n - 1)
@@ -182,9 +137,9 @@ def plan_channels(
 ) -> tuple[list[PlanEntry], list[str]]:
     """The channels to remove per group, and the layers left whole (intra-branch concatenations).
 
-    A group that reaches a cross-modality concatenation is split into one entry per producer layer
-    (Torch-Pruning may have merged several modalities' producers into one corrupted group there); a
-    producer's channel score is its output slice plus the consumer columns it feeds (:func:`concat_mapping`)."""
+    A group that reaches a cross-modality concatenation is replanned per producer layer on its own branch's
+    graph (Torch-Pruning may have merged several modalities' producers into one corrupted group there), see
+    :func:`_plan_across_concat`."""
     ratio = check_sparsity(ratio, "channel ratio")
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     names = {m: n for n, m in model.named_modules()}
@@ -192,6 +147,8 @@ def plan_channels(
     plan: list[PlanEntry] = []
     left: list[str] = []
     planned: set[str] = set()
+    graphs: dict[str, tp.DependencyGraph] = {}  # branch -> its own graph, built once
+    claimed: dict[tuple[str, int], str] = {}  # (consumer, input channel) -> the producer channel feeding it
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
         consumer = _boundary_consumer(group, names)
         root = group[0][0].target.module
@@ -201,61 +158,101 @@ def plan_channels(
                 order = torch.sort(channel_scores(group, scores, names), stable=True).indices[:n_remove]
                 plan.append(PlanEntry(names[root], group[0][0].handler, sorted(int(i) for i in order)))
             continue
-        producers = [
-            dep.target.module
-            for dep, _ in group
-            if isinstance(dep.target.module, ROOT_TYPES)
-            and "out_channels" in getattr(dep.handler, "__name__", "")
-            and names[dep.target.module] != consumer
-            and all(dep.target.module is not m for m in ignored)
-        ]
-        cons = model.get_submodule(consumer)
-        for prod in producers:
-            name = names[prod]
-            if name in planned or _n_remove(prod, ratio) <= 0 or f"{name}.weight" not in scores:
+        for dep, _ in group:
+            prod = dep.target.module
+            if not isinstance(prod, ROOT_TYPES) or "out_channels" not in getattr(dep.handler, "__name__", ""):
                 continue
-            planned.add(name)
-            if consumer.startswith(_branch(model, name) + "."):
+            name = names[prod]
+            if name == consumer or name in planned or any(prod is m for m in ignored):
+                continue
+            if _n_remove(prod, ratio) <= 0 or f"{name}.weight" not in scores:
+                continue
+            branch = branch_of(model, name)
+            if consumer.startswith(branch + "."):
+                planned.add(name)
                 left.append(name)
                 continue
-            mapping = concat_mapping(model, name, consumer, example_inputs)
-            score = _slice_scores(scores[f"{name}.weight"].double(), prod, _out_handler(prod))
-            if f"{consumer}.weight" in scores:
-                cols = _slice_scores(scores[f"{consumer}.weight"].double(), cons, tp.prune_conv_in_channels)
-                score = score + torch.stack([cols[m].sum() if m else cols.new_zeros(()) for m in mapping])
-            idxs = sorted(int(i) for i in torch.sort(score, stable=True).indices[: _n_remove(prod, ratio)])
-            plan.append(
-                PlanEntry(name, _out_handler(prod), idxs, consumer, sorted({c for j in idxs for c in mapping[j]}))
+            if branch not in graphs:
+                graphs[branch] = branch_graph(model, branch, example_inputs)
+            entry = _plan_across_concat(
+                model, graphs[branch], name, consumer, scores, ratio, example_inputs, ignored, planned, claimed
             )
+            if entry is not None:
+                plan.append(entry)
     return plan, left
 
 
-def _branch_inputs(model: nn.Module, branch: str, example_inputs: Any) -> tuple[tuple, dict]:
-    seen: list[tuple[tuple, dict]] = []
-    hook = model.get_submodule(branch).register_forward_pre_hook(
-        lambda _m, args, kwargs: seen.append((args, kwargs)) if not seen else None, with_kwargs=True
+def _plan_across_concat(
+    model: nn.Module,
+    graph: tp.DependencyGraph,
+    name: str,
+    consumer: str,
+    scores: Mapping[str, torch.Tensor],
+    ratio: float,
+    example_inputs: Any,
+    ignored: Sequence[nn.Module],
+    planned: set[str],
+    claimed: dict[tuple[str, int], str],
+) -> PlanEntry | None:
+    """The entry for producer ``name`` feeding ``consumer`` across the concatenation, or None if nothing of it
+    is pruned.
+
+    Its group is taken from its branch's own graph, so it holds exactly the layers coupled to it inside the
+    encoder (BatchNorm, the next layers' inputs -- e.g. the pillars' ``block2`` behind ``block1`` -- and the
+    producers coupled by a residual add, all marked ``planned``). Its channel score is that group's
+    aggregated score plus the consumer columns each channel feeds directly (:func:`concat_mapping`). Each
+    consumer column must be fed by one producer channel only (``claimed``): a column claimed twice would be
+    removed twice, the failure this bookkeeping exists to prevent. A channel whose columns the probe cannot
+    find is kept (pruning it would leave the consumer's width inconsistent)."""
+    names = {m: n for n, m in model.named_modules()}
+    prod = model.get_submodule(name)
+    width = prod.out_features if isinstance(prod, nn.Linear) else prod.out_channels
+    group = graph.get_pruning_group(prod, _out_handler(prod), idxs=list(range(width)))
+    tied: dict[str, list[list[int]]] = {}  # coupled producer -> its channels tied to each of ours
+    for item in group:
+        layer = item.dep.target.module
+        if isinstance(layer, ROOT_TYPES) and "out_channels" in getattr(item.dep.handler, "__name__", ""):
+            per_root = tied.setdefault(names[layer], [[] for _ in range(width)])
+            for idx, root_idx in zip(item.idxs, item.root_idxs):
+                if root_idx is not None:  # None: an attention-head mapping, not in conv encoders
+                    per_root[root_idx].append(idx)
+    planned.update(tied)
+    if any(model.get_submodule(n) is m for n in tied for m in ignored):
+        return None
+    mapping = concat_mapping(
+        model, name, consumer, example_inputs, coupled={n: c for n, c in tied.items() if n != name}
     )
-    try:
-        with torch.no_grad():
-            call_model(model, example_inputs)
-    finally:
-        hook.remove()
-    return seen[0]
+    for j, columns in enumerate(mapping):
+        for c in columns:
+            other = claimed.setdefault((consumer, c), f"{name}[{j}]")
+            if other != f"{name}[{j}]":
+                raise RuntimeError(
+                    f"input channel {c} of {consumer} is fed by both {other} and {name}[{j}] through a "
+                    "channel-mixing op that is not a Conv/Linear layer; cannot prune them structurally, pass "
+                    "these layers in ignored_layers"
+                )
+    score = channel_scores(group, scores, names)
+    cons = model.get_submodule(consumer)
+    if f"{consumer}.weight" in scores:
+        cols = _slice_scores(scores[f"{consumer}.weight"].double(), cons, tp.prune_conv_in_channels)
+        score = score + torch.stack([cols[m].sum() if m else cols.new_zeros(()) for m in mapping])
+    mapped = torch.tensor([j for j, columns in enumerate(mapping) if columns], dtype=torch.long)
+    n_remove = min(_n_remove(prod, ratio), len(mapped))
+    if n_remove <= 0:
+        return None
+    idxs = sorted(int(i) for i in mapped[torch.sort(score[mapped], stable=True).indices[:n_remove]])
+    return PlanEntry(name, _out_handler(prod), idxs, consumer, sorted({c for j in idxs for c in mapping[j]}))
 
 
 def _prune_across_concat(model: nn.Module, entry: PlanEntry, columns: list[int], example_inputs: Any) -> None:
     """The one workaround for Torch-Pruning's concat bugs (#481, #146). On the reference models the
     ``_ConcatOp`` before the fusion conv gets no offsets (``None``) once a branch passes through reshapes (the
     camera lift), and the groups through it merge both modalities with indices far past the layers' widths.
-    So the producer is pruned on a graph of its own branch only (no concatenation in it), and the consumer's
-    input ``columns`` (current numbering) are removed directly."""
-    branch = _branch(model, entry.module)
-    args, kwargs = _branch_inputs(model, branch, example_inputs)
-    sub = model.get_submodule(branch)
-    graph = tp.DependencyGraph().build_dependency(
-        sub, example_inputs=(args, kwargs), forward_fn=lambda m, x: m(*x[0], **x[1])
-    )
-    group = graph.get_pruning_group(sub.get_submodule(entry.module[len(branch) + 1 :]), entry.handler, idxs=entry.idxs)
+    So the producer (with the layers coupled to it inside its encoder) is pruned on a graph of its own branch
+    only (no cross-modality concatenation in it), and the consumer's input ``columns`` (current numbering) are
+    removed directly."""
+    graph = branch_graph(model, branch_of(model, entry.module), example_inputs)  # rebuilt: earlier entries pruned
+    group = graph.get_pruning_group(model.get_submodule(entry.module), entry.handler, idxs=entry.idxs)
     if not graph.check_pruning_group(group):
         raise RuntimeError(f"Torch-Pruning refuses to prune {entry.module} (would empty a layer)")
     group.prune()
