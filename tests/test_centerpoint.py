@@ -121,7 +121,7 @@ def test_nms_and_decode_settings() -> None:
     nmsed = decode_detections(out, GRID, score_threshold=0.5, nms="aabb", nms_iou=0.2)[0]
     assert sorted(nmsed["labels"].tolist()) == [0, 1]
     assert decode_detections(out, GRID, k=1)[0]["labels"].tolist() == [0]
-    for bad in ({"k": 0}, {"score_threshold": 1.0}, {"nms": "rotated"}, {"nms_iou": 0.0}):
+    for bad in ({"k": 0}, {"score_threshold": 1.0}, {"nms": "obb"}, {"nms_iou": 0.0}):
         with pytest.raises(ValueError, match="decode"):
             decode_detections(out, GRID, **bad)
 

@@ -19,7 +19,9 @@ centre cells (velocity weighted 0.2), added with weight 0.25. Gaussian radii fol
 ``gaussian_radius`` rule with CenterPoint's ``min_overlap = 0.1`` and ``min_radius = 2``.
 
 Decoding: sigmoid, a 3x3 max-pool keeps local peaks (CenterNet's NMS), top-k over classes and cells, a score
-threshold, then optionally class-wise NMS on the boxes' axis-aligned BEV footprints (``torchvision.ops``).
+threshold, then optionally class-wise NMS on the boxes' BEV footprints: axis-aligned (``torchvision.ops``) or
+rotated, on the exact IoU of the rotated rectangles (:mod:`fusionlens.models.rotated_iou`, as CenterPoint's
+rotated NMS).
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ from torchvision.ops import batched_nms
 from fusionlens.data.sample import BOX_FIELDS, CLASSES, BEVGrid
 from fusionlens.models.bev import Head
 from fusionlens.models.registry import register_head
+from fusionlens.models.rotated_iou import rotated_nms
 
 REG_OUTPUTS: dict[str, int] = {"det_offset": 2, "det_height": 1, "det_size": 3, "det_rot": 2, "det_vel": 2}
 DET_OUTPUTS: tuple[str, ...] = ("det_heatmap", *REG_OUTPUTS)
 # L1 weight per regression channel (CenterPoint's nuScenes setting: velocity at 0.2)
 CODE_WEIGHTS: tuple[float, ...] = (1.0,) * 8 + (0.2, 0.2)
+NMS_MODES: tuple[str, ...] = ("aabb", "rotated")  # decode_detections' nms values besides None
 _LOG_SIZE_RANGE = (-5.0, 5.0)  # decoded sizes stay within [7e-3, 148] m even for a wild prediction
 
 
@@ -161,8 +165,10 @@ def decode_detections(outputs: dict[str, torch.Tensor], grid: BEVGrid, *, k: int
                       score_threshold: float = 0.1, nms: str | None = None,
                       nms_iou: float = 0.2) -> list[dict[str, torch.Tensor]]:
     """Boxes from head outputs: per sample ``{"boxes": (N, 9) BOX_FIELDS, "scores": (N,), "labels": (N,)}``,
-    sorted by descending score. ``nms``: ``None`` (peak extraction only, CenterPoint's default) or ``"aabb"``
-    (class-wise NMS on the axis-aligned BEV footprint of each rotated box, IoU ``nms_iou``)."""
+    sorted by descending score. ``nms``: ``None`` (peak extraction only, CenterPoint's default), ``"aabb"``
+    (class-wise NMS on the axis-aligned BEV footprint of each rotated box, IoU ``nms_iou``) or ``"rotated"``
+    (class-wise NMS on the exact BEV IoU of the rotated boxes; ``"aabb"`` over-suppresses diagonal
+    neighbours)."""
     _check_decode_settings(k, score_threshold, nms, nms_iou)
     heat = torch.sigmoid(outputs["det_heatmap"].detach())
     B, K, X, Y = heat.shape
@@ -184,20 +190,27 @@ def decode_detections(outputs: dict[str, torch.Tensor], grid: BEVGrid, *, k: int
         size = r[3:6].clamp(*_LOG_SIZE_RANGE).exp()
         yaw = torch.atan2(r[6], r[7])
         boxes = torch.stack([x, y, r[2], size[0], size[1], size[2], yaw, r[8], r[9]], dim=1)
-        if nms == "aabb" and len(boxes):
-            half = _footprint_half_extent(boxes)
-            rects = torch.cat([boxes[:, :2] - half, boxes[:, :2] + half], dim=1)
-            order = batched_nms(rects, s, label, nms_iou)
+        if nms is not None and len(boxes):
+            order = _class_nms(nms, boxes, s, label, nms_iou)
             boxes, s, label = boxes[order], s[order], label[order]
         results.append({"boxes": boxes, "scores": s, "labels": label})
     return results
 
 
 def _check_decode_settings(k: int, score_threshold: float, nms: str | None, nms_iou: float) -> None:
-    if k <= 0 or not 0 <= score_threshold < 1 or nms not in (None, "aabb") or not 0 < nms_iou <= 1:
-        raise ValueError(f"decode: need k > 0, 0 <= score_threshold < 1, nms in (None, 'aabb'), "
+    if k <= 0 or not 0 <= score_threshold < 1 or nms not in (None, *NMS_MODES) or not 0 < nms_iou <= 1:
+        raise ValueError(f"decode: need k > 0, 0 <= score_threshold < 1, nms in {(None, *NMS_MODES)}, "
                          f"0 < nms_iou <= 1; got k={k}, score_threshold={score_threshold}, nms={nms!r}, "
                          f"nms_iou={nms_iou}")
+
+
+def _class_nms(mode: str, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+               iou: float) -> torch.Tensor:
+    """Kept indices, by descending score, of class-wise NMS ``mode`` (one of :data:`NMS_MODES`)."""
+    if mode == "rotated":
+        return rotated_nms(boxes, scores, labels, iou)
+    half = _footprint_half_extent(boxes)
+    return batched_nms(torch.cat([boxes[:, :2] - half, boxes[:, :2] + half], dim=1), scores, labels, iou)
 
 
 def _footprint_half_extent(boxes: torch.Tensor) -> torch.Tensor:
