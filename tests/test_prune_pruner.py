@@ -135,3 +135,22 @@ def test_scores_must_match_parameters() -> None:
         prune_with_scores(model, {"fuse.weight": torch.rand(3)}, 0.5)
     with pytest.raises(ValueError, match="not finite"):
         prune_with_scores(model, {"fuse.weight": torch.full_like(model.fuse.weight, float("nan"))}, 0.5)
+
+
+def test_report_splits_the_kept_budget_by_group() -> None:
+    from fusionlens.prune.api import prune
+
+    torch.manual_seed(0)
+    model = TinyFusion(norm=True)
+    result = prune(model, "magnitude", 0.8)
+    masks = get_masks(result.model)
+    groups = resolve_groups(model).restrict(masks)
+    expected = {
+        group: sum(int(masks[n].sum()) for n in members) / sum(masks[n].numel() for n in members)
+        for group, members in {**groups.modalities, "fusion": groups.fusion}.items()
+    }
+    assert result.report["kept_per_group"] == pytest.approx(expected)
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(expected[g] * sum(masks[n].numel() for n in members)
+               for g, members in {**groups.modalities, "fusion": groups.fusion}.items())
+    assert kept / total == pytest.approx(0.2, abs=1 / total)

@@ -22,6 +22,7 @@ from fusionlens.prune.params import (
     DEFAULT_PRUNABLE_TYPES,
     LossFn,
     check_sparsity,
+    named_parameters,
     prunable_parameters,
     resolve_groups,
 )
@@ -150,4 +151,29 @@ def prune(
         "options": options,
         "prunable": names,
     }
+    kept = kept_per_group(pruned, names, measured["per_parameter"], groups)
+    if kept:
+        report["kept_per_group"] = kept
     return PruneResult(pruned, scores, report)
+
+
+def kept_per_group(model: nn.Module, names: Sequence[str], zero_fraction: Mapping[str, float],
+                   groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, float]:
+    """Fraction of each group's prunable weights that survived (modality backbones and ``fusion``).
+
+    One global threshold over per-group-normalised scores (AlterMOMA eq. 11-13) decides how the budget splits
+    between backbones and fusion; this is where that split shows. Empty for a model without modality groups.
+    """
+    try:
+        resolved = resolve_groups(model, groups).restrict(names)
+    except ValueError:
+        return {}
+    params = named_parameters(model)  # public names, also while torch.nn.utils.prune holds weight_orig
+    sizes = {n: params[n].numel() for n in names}
+    parts = {**resolved.modalities, "fusion": resolved.fusion}
+    out = {}
+    for group, members in parts.items():
+        total = sum(sizes[n] for n in members)
+        if total:
+            out[group] = 1.0 - sum(zero_fraction[n] * sizes[n] for n in members) / total
+    return out
