@@ -45,8 +45,16 @@ def step_train(ctx: dict[str, Any]) -> None:
             "--train-size", str(ctx["train_size"]), "--val-size", "0", "--out", str(checkpoint),
             "--camera-weights", str(ctx["camera_trunk"]), *_data_args(ctx)]
     if checkpoint.exists():
-        argv.append("--resume")
+        argv.append("--resume" if _same_camera_start(checkpoint, ctx["camera_trunk"]) else "--overwrite")
     _run(argv)
+
+
+def _same_camera_start(checkpoint: Path, trunk: Path) -> bool:
+    """Whether a demo checkpoint left by an earlier run started from this trunk (else it is retrained: demos
+    made before the camera trunk existed trained the camera from scratch)."""
+    from fusionlens.train.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint)["model_config"].get("camera_weights") == str(trunk)
 
 
 def step_evaluate(ctx: dict[str, Any]) -> None:
