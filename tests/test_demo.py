@@ -24,3 +24,16 @@ def test_demo_runs_every_step_and_writes_a_report(tmp_path):
     assert main(["--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--samples", "3", "--figures", "1",
                  "--steps", "1", "--train-size", "4", "--finetune-steps", "1", "--trunk-steps", "2",
                  "--trunk-frames", "2"]) == 0
+
+
+def test_demo_checkpoint_from_before_the_camera_trunk_is_retrained_not_resumed(tmp_path):
+    from fusionlens.demo_pipeline import _same_camera_start
+    from fusionlens.models import build_model, preset_config
+    from fusionlens.train.checkpoint import save_checkpoint
+
+    trunk = tmp_path / "camera_trunk.pt"
+    for weights, expected in ((None, False), (str(trunk), True)):
+        config = preset_config("tiny", "camera,radar", camera_weights=weights)
+        path = save_checkpoint(tmp_path / "cr.pt", model=build_model(config, load_camera_weights=False),
+                               model_config=config)
+        assert _same_camera_start(path, trunk) is expected
