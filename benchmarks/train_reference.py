@@ -72,12 +72,13 @@ def _command(name: str, mods: str, args: argparse.Namespace, extra: str = "", se
 
 def _camera_trunk(args: argparse.Namespace) -> None:
     """The world-pretrained camera trunk every camera model starts from (``fusionlens pretrain camera``)."""
-    if not args.camera_trunk or Path(args.camera_trunk).is_file():
+    if not args.camera_trunk:
         return
     config = CameraPretrainConfig(world_seed=args.data_seed, frames=args.trunk_frames, steps=args.trunk_steps)
-    print(f"== camera trunk: fusionlens pretrain camera --frames {args.trunk_frames} --steps {args.trunk_steps} "
-          f"--data-seed {args.data_seed} --out {args.camera_trunk}", flush=True)
-    report = pretrain_camera(config, args.camera_trunk, progress=not args.no_progress)
+    if not Path(args.camera_trunk).is_file():
+        print(f"== camera trunk: fusionlens pretrain camera --frames {args.trunk_frames} --steps {args.trunk_steps} "
+              f"--data-seed {args.data_seed} --out {args.camera_trunk}", flush=True)
+    report = pretrain_camera(config, args.camera_trunk, progress=not args.no_progress)  # reused if already made
     print("camera trunk val pixel IoU", json.dumps(report["val_pixel_iou"]), flush=True)
 
 

@@ -168,3 +168,21 @@ def test_pretrain_writes_trunk_and_report_and_resumes_exactly(tmp_path, monkeypa
 def test_bad_pretrain_config(bad) -> None:
     with pytest.raises(ValueError):
         _config(**bad)
+
+
+def test_finished_trunk_is_reused_and_another_config_refused(tmp_path, monkeypatch) -> None:
+    first = pretrain_camera(_config(), tmp_path / "t.pt", progress=False)
+    stamp = (tmp_path / "t.pt").stat().st_mtime_ns
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished trunk of the same settings must be reused")
+
+    monkeypatch.setattr(cp, "render_pixel_set", no_training)
+    # the number of val frames scored does not change the weights: still the same trunk
+    again = pretrain_camera(_config(val_frames=2), tmp_path / "t.pt", progress=False)
+    assert again["losses"] == first["losses"] and (tmp_path / "t.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="pre-trained with"):
+        pretrain_camera(_config(steps=3), tmp_path / "t.pt", progress=False)
+    monkeypatch.undo()
+    replaced = pretrain_camera(_config(steps=3), tmp_path / "t.pt", overwrite=True, progress=False)
+    assert len(replaced["losses"]) == 3

@@ -15,7 +15,8 @@ def _camera(args: argparse.Namespace) -> int:
         depth=args.depth, image_size=tuple(args.image_size), world_seed=args.data_seed, frames=args.frames,
         val_frames=args.val_frames, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
     )
-    report = pretrain_camera(config, args.out, resume=not args.restart, progress=not args.no_progress)
+    report = pretrain_camera(config, args.out, resume=not args.restart, overwrite=args.overwrite,
+                             progress=not args.no_progress)
     iou = report.get("val_pixel_iou", {})
     print(f"camera trunk written to {args.out} ({report['seconds']:.0f} s); val pixel IoU "
           + json.dumps({k: round(v, 3) for k, v in iou.items()}))
@@ -37,5 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--restart", action="store_true", help="ignore a partial run's state file")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished trunk made with other settings")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_camera)

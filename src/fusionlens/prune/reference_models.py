@@ -136,14 +136,8 @@ class ReferenceModels:
         frames = c.trunk_frames
         config = CameraPretrainConfig(depth=c.camera_depth, world_seed=c.data_seed, frames=frames, steps=c.trunk_steps,
                                       batch_size=min(4, frames), val_frames=min(32, frames))
-        path, report = self.dir / "camera_trunk.pt", self.dir / "camera_trunk.json"
-        if path.is_file() and report.is_file():
-            saved = json.loads(report.read_text())["config"]
-            if saved != config.to_dict():
-                raise ValueError(f"{path} was pre-trained with {saved}, not {config.to_dict()}: delete it or "
-                                 "pass the same --trunk-frames / --trunk-steps")
-            return path
-        pretrain_camera(config, path, progress=self.progress)
+        path = self.dir / "camera_trunk.pt"
+        pretrain_camera(config, path, progress=self.progress)  # reused when made with this config, else refused
         return path
 
     def single(self, modality: str) -> Path:

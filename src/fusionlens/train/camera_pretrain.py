@@ -16,6 +16,7 @@ exactly as a downloaded torchvision state dict would. Training frames come from 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,15 +129,30 @@ def pixel_iou(encoder: CameraEncoder, images: torch.Tensor, targets: torch.Tenso
             for k, name in enumerate(PIXEL_CLASSES)}
 
 
+def _weight_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide the trunk's weights (how many val frames are scored and how often a partial run
+    is saved do not)."""
+    return {k: v for k, v in config.items() if k not in ("val_frames", "save_every")}
+
+
 def pretrain_camera(config: CameraPretrainConfig, out: str | Path, *, resume: bool = True,
-                    progress: bool = True) -> dict[str, Any]:
+                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Pre-train a camera trunk and write it to ``out`` (torchvision ResNet state dict, atomically).
 
-    ``out.with_suffix('.json')`` gets the config, loss curve and the val pixel IoU per class. A partial run
-    is checkpointed to ``<out>.state.pt`` every ``save_every`` steps and, with ``resume``, continued from there
-    (the same config is required); the state file is removed when the run completes.
+    ``out.with_suffix('.json')`` gets the config, loss curve and the val pixel IoU per class. A finished trunk
+    of the same config is reused (its report returned), one of another config is refused unless ``overwrite``
+    -- a trunk is never silently replaced or mistaken for another. A partial run is checkpointed to
+    ``<out>.state.pt`` every ``save_every`` steps and, with ``resume``, continued from there (the same config is
+    required); the state file is removed when the run completes.
     """
     out = Path(out)
+    report_path = out.with_suffix(".json")
+    if out.is_file() and report_path.is_file() and not overwrite:
+        saved = json.loads(report_path.read_text())
+        if _weight_settings(saved.get("config") or {}) != _weight_settings(config.to_dict()):
+            raise ValueError(f"{out} was pre-trained with {saved.get('config')}, not {config.to_dict()}: pass the "
+                             "same settings, another output, or overwrite")
+        return saved
     state_path = out.with_name(out.name + ".state.pt")
     world = WorldConfig().with_(image_size=config.image_size)
     torch.manual_seed(config.seed)
@@ -195,6 +211,6 @@ def pretrain_camera(config: CameraPretrainConfig, out: str | Path, *, resume: bo
         val_images, val_targets = render_pixel_set(world, config.world_seed, "val", config.val_frames, progress)
         report["val_pixel_iou"] = pixel_iou(encoder, val_images, val_targets)
     atomic_torch_save(out, trunk_state_dict(encoder))
-    atomic_write_json(out.with_suffix(".json"), report)
+    atomic_write_json(report_path, report)
     state_path.unlink(missing_ok=True)
     return report
