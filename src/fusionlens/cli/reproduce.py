@@ -58,6 +58,7 @@ def altermoma_config(args: argparse.Namespace) -> Any:
         train_size=args.train_size,
         val_size=args.val_size,
         finetune_steps=args.finetune_steps,
+        finetune_lr=args.finetune_lr,
         reference_steps=args.reference_steps,
         ablation_pair=args.ablation_pair,
         ablation_sparsities=args.ablation_sparsities or None,
@@ -177,6 +178,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--train-size", type=int, default=192)
     a.add_argument("--val-size", type=int, default=64)
     a.add_argument("--finetune-steps", type=int, default=25)
+    a.add_argument("--finetune-lr", type=float, default=1e-3,
+                   help="Adam lr of the fine-tuning after pruning (cells do not key on it: use another --out)")
     a.add_argument("--reference-steps", type=int, default=200)
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=run_altermoma)
