@@ -71,6 +71,10 @@ def test_pretrained_recipe_builds_from_single_models_and_reuses_every_file(tmp_p
     (runner.out / "dense/camera_lidar.json").unlink()
     assert Runner(tiny(tmp_path), progress=False).dense(PAIR)["initialised_from"] == dense["initialised_from"]
     # ... and a model cached with another schedule is refused, never silently reused
+    with pytest.raises(ValueError, match="another protocol reference_steps"):
+        Runner(tiny(tmp_path, reference_steps=3), progress=False)
+    # the cached models check their own schedule too (a tree from before protocol.json existed)
+    (runner.out / "protocol.json").unlink()
     with pytest.raises(ValueError, match=r"single_camera.pt was made with other settings -- steps: wanted 3"):
         Runner(tiny(tmp_path, reference_steps=3), progress=False).reference(PAIR)
 
@@ -112,6 +116,10 @@ def test_recipes_never_share_cells(tmp_path, synthetic):
         Runner(tiny(tmp_path / "pretrained", reference_recipe="scratch"), progress=False)
     with pytest.raises(ValueError, match="must not mix"):
         claim_root(tmp_path, dict(LEGACY_VARIANT, recipe="pretrained"))
+    # cells are keyed by pair / method / sparsity / seed: a tree refuses a run measuring them another way
+    with pytest.raises(ValueError, match="finetune_lr"):
+        Runner(tiny(tmp_path, reference_recipe="scratch", finetune_lr=1e-5), progress=False)
+    Runner(tiny(tmp_path, reference_recipe="scratch", seeds=(7,)), progress=False)  # grid selection is fine
 
 
 @pytest.mark.parametrize(

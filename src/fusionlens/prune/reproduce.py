@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,6 +154,32 @@ def _loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
     )
 
 
+#: settings that change what a cell measures (the grid's methods, sparsities and seeds only select cells)
+PROTOCOL_FIELDS: tuple[str, ...] = (
+    "train_size", "val_size", "data_seed", "model_overrides", "reference_steps", "reference_batch", "reference_lr",
+    "reference_freeze_steps", "trunk_frames", "trunk_steps", "batch_size", "finetune_steps", "finetune_lr",
+    "method_options",
+)
+
+
+def _claim_protocol(root: Path, config: ReproduceConfig) -> None:
+    """Record the cell protocol in ``root/protocol.json``; ``ValueError`` if the tree's cells used another one.
+
+    Cell files are keyed by pair, method, sparsity and seed only, so a run with, say, another fine-tuning length
+    would otherwise silently reuse cells measured with the old one."""
+    protocol = json.loads(json.dumps({k: getattr(config, k) for k in PROTOCOL_FIELDS}))  # tuples -> lists
+    path = root / "protocol.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        diff = {k: (stored.get(k), protocol[k]) for k in protocol if stored.get(k) != protocol[k]}
+        if diff:
+            raise ValueError(f"{root} holds cells measured with another protocol "
+                             + "; ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
+                             + " -- pass another --out to measure this one")
+        return
+    atomic_write_json(path, protocol)
+
+
 class Runner:
     """Runs the grids of a :class:`ReproduceConfig`; each finished cell is a JSON file (atomic)."""
 
@@ -162,6 +189,7 @@ class Runner:
         self.variant = variant_of(config)
         self.out = cell_root(config.out_dir, self.variant)  # this variant's cell tree (module docstring)
         claim_root(self.out, self.variant)  # before any work: refuses a tree of another recipe
+        _claim_protocol(self.out, config)  # ... and one whose cells were measured another way
         self._data: tuple[Dataset, Dataset] | None = None
         self.models = ReferenceModels(config, self.out, self.data, progress)
         atomic_write_json(self.out / "config.json", asdict(config))
