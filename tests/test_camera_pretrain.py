@@ -181,6 +181,7 @@ def test_finished_trunk_is_reused_and_another_config_refused(tmp_path, monkeypat
     # the number of val frames scored does not change the weights: still the same trunk
     again = pretrain_camera(_config(val_frames=2), tmp_path / "t.pt", progress=False)
     assert again["losses"] == first["losses"] and (tmp_path / "t.pt").stat().st_mtime_ns == stamp
+    assert again["reused"] and "reused" not in first
     with pytest.raises(ValueError, match="pre-trained with"):
         pretrain_camera(_config(steps=3), tmp_path / "t.pt", progress=False)
     monkeypatch.undo()

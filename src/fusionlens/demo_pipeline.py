@@ -26,12 +26,10 @@ def _data_args(ctx: dict[str, Any]) -> list[str]:
 
 def step_pretrain_camera(ctx: dict[str, Any]) -> None:
     """The camera ResNet trunk learns vehicles, road and sky from the world's pixel labels (in place of the
-    ImageNet weights real BEV models start from, which cannot be downloaded here)."""
+    ImageNet weights real BEV models start from, which cannot be downloaded here). A trunk an earlier demo made
+    with the same settings is reused by ``pretrain`` itself."""
     trunk = ctx["out"] / "checkpoints" / "camera_trunk.pt"
     ctx["camera_trunk"] = trunk
-    if trunk.is_file():
-        print(f"  reusing {trunk}")
-        return
     _run(["pretrain", "camera", "--steps", str(ctx["trunk_steps"]), "--frames", str(ctx["trunk_frames"]),
           "--batch-size", str(min(4, ctx["trunk_frames"])), "--val-frames", str(min(ctx["samples"], 16)),
           "--out", str(trunk), *_data_args(ctx)])

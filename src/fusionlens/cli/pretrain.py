@@ -18,7 +18,8 @@ def _camera(args: argparse.Namespace) -> int:
     report = pretrain_camera(config, args.out, resume=not args.restart, overwrite=args.overwrite,
                              progress=not args.no_progress)
     iou = report.get("val_pixel_iou", {})
-    print(f"camera trunk written to {args.out} ({report['seconds']:.0f} s); val pixel IoU "
+    done = "reused (pre-trained earlier with these settings)" if report.get("reused") else "written"
+    print(f"camera trunk {done}: {args.out} ({report['seconds']:.0f} s); val pixel IoU "
           + json.dumps({k: round(v, 3) for k, v in iou.items()}))
     return 0
 

@@ -140,8 +140,8 @@ def pretrain_camera(config: CameraPretrainConfig, out: str | Path, *, resume: bo
     """Pre-train a camera trunk and write it to ``out`` (torchvision ResNet state dict, atomically).
 
     ``out.with_suffix('.json')`` gets the config, loss curve and the val pixel IoU per class. A finished trunk
-    of the same config is reused (its report returned), one of another config is refused unless ``overwrite``
-    -- a trunk is never silently replaced or mistaken for another. A partial run is checkpointed to
+    of the same config is reused (its report returned, with ``reused=True``), one of another config is refused
+    unless ``overwrite`` -- a trunk is never silently replaced or mistaken for another. A partial run is checkpointed to
     ``<out>.state.pt`` every ``save_every`` steps and, with ``resume``, continued from there (the same config is
     required); the state file is removed when the run completes.
     """
@@ -152,7 +152,7 @@ def pretrain_camera(config: CameraPretrainConfig, out: str | Path, *, resume: bo
         if _weight_settings(saved.get("config") or {}) != _weight_settings(config.to_dict()):
             raise ValueError(f"{out} was pre-trained with {saved.get('config')}, not {config.to_dict()}: pass the "
                              "same settings, another output, or overwrite")
-        return saved
+        return dict(saved, reused=True)
     state_path = out.with_name(out.name + ".state.pt")
     world = WorldConfig().with_(image_size=config.image_size)
     torch.manual_seed(config.seed)
