@@ -149,10 +149,10 @@ def test_cli_rejects_unknown_encoder_and_flags_reach_the_config(tmp_path, capsys
     args = build_parser().parse_args(
         ["reproduce", "altermoma", "--recipe", "scratch", "--task", "both", "--lidar-encoder", "pillars",
          "--camera-depth", "34", "--freeze-steps", "3", "--trunk-frames", "8", "--trunk-steps", "5",
-         "--finetune-lr", "1e-4"]
+         "--finetune-lr", "3e-4"]
     )
     cfg = altermoma_config(args)
-    assert cfg.finetune_lr == 1e-4
+    assert cfg.finetune_lr == 3e-4
     assert (cfg.reference_recipe, cfg.task, cfg.lidar_encoder, cfg.camera_depth) == ("scratch", "both", "pillars", 34)
     assert (cfg.reference_freeze_steps, cfg.trunk_frames, cfg.trunk_steps) == (3, 8, 5)
 

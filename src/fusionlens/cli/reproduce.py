@@ -57,8 +57,6 @@ def altermoma_config(args: argparse.Namespace) -> Any:
         ablation_betas=args.betas,
         train_size=args.train_size,
         val_size=args.val_size,
-        finetune_steps=args.finetune_steps,
-        finetune_lr=args.finetune_lr,
         reference_steps=args.reference_steps,
         ablation_pair=args.ablation_pair,
         ablation_sparsities=args.ablation_sparsities or None,
@@ -70,6 +68,11 @@ def altermoma_config(args: argparse.Namespace) -> Any:
         lidar_encoder=args.lidar_encoder,
         camera_depth=args.camera_depth,
     )
+    # the fine-tuning protocol's defaults live in ReproduceConfig only (imported lazily: it pulls in torch)
+    if args.finetune_steps is not None:
+        cfg.finetune_steps = args.finetune_steps
+    if args.finetune_lr is not None:
+        cfg.finetune_lr = args.finetune_lr
     if args.methods:
         cfg.methods = args.methods
     if args.structured_methods:
@@ -110,6 +113,11 @@ def run_lmd(args: argparse.Namespace) -> int:
         attribution_samples=args.attribution_samples,
         data=args.data,
     )
+    # the fine-tuning protocol's defaults live in ReproduceConfig only (imported lazily: it pulls in torch)
+    if args.finetune_steps is not None:
+        cfg.finetune_steps = args.finetune_steps
+    if args.finetune_lr is not None:
+        cfg.finetune_lr = args.finetune_lr
     if args.methods:
         cfg.methods = args.methods
     if args.attribution_methods is not None:
@@ -177,9 +185,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--ablation-sparsities", type=_floats, default=None, help="default: --sparsities")
     a.add_argument("--train-size", type=int, default=192)
     a.add_argument("--val-size", type=int, default=64)
-    a.add_argument("--finetune-steps", type=int, default=25)
-    a.add_argument("--finetune-lr", type=float, default=1e-3,
-                   help="Adam lr of the fine-tuning after pruning (cells do not key on it: use another --out)")
+    a.add_argument("--finetune-steps", type=int, default=None, help="Adam steps after pruning (default 200)")
+    a.add_argument("--finetune-lr", type=float, default=None,
+                   help="Adam lr after pruning (default: the paper's 1e-4; a cell tree refuses another)")
     a.add_argument("--reference-steps", type=int, default=200)
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=run_altermoma)
