@@ -113,11 +113,6 @@ def run_lmd(args: argparse.Namespace) -> int:
         attribution_samples=args.attribution_samples,
         data=args.data,
     )
-    # the fine-tuning protocol's defaults live in ReproduceConfig only (imported lazily: it pulls in torch)
-    if args.finetune_steps is not None:
-        cfg.finetune_steps = args.finetune_steps
-    if args.finetune_lr is not None:
-        cfg.finetune_lr = args.finetune_lr
     if args.methods:
         cfg.methods = args.methods
     if args.attribution_methods is not None:
