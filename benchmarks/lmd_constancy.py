@@ -3,8 +3,9 @@
 The perturbation metric Cp/C (appendix D.2) correlates the camera component of a sample with the camera component
 after the camera input is swapped for another scene's. If a component is largely the same map in every scene, that
 correlation stays high whatever the swap does: the cross-scene PCC of a component is a floor under its "Xp/X".
-For each modality component, the bias component, the fused output and the ground-truth vehicle map, over the
-first ``--samples`` val scenes:
+For each modality component, the bias component, the fused output, the ground-truth vehicle map and each
+modality's BEV feature map where it enters the fusion layer (the decomposition's input), over the first
+``--samples`` val scenes:
 
 * ``cross-scene PCC``: mean Pearson correlation between the maps of scene k and scene (k + s·j) mod N, the
   perturbation metric's own pairing;
@@ -35,9 +36,12 @@ def maps_per_scene(checkpoint: str, samples: int, rules: str, val_size: int) -> 
     out: dict[str, list[torch.Tensor]] = {}
     for k in range(samples):
         batch = collate_samples([data[k]])
-        comps, _ = method.clean(subject, subject.prepare(batch))
+        prepared = subject.prepare(batch)
+        comps, _ = method.clean(subject, prepared)
         comps["output"] = sum(comps.values())
         comps["ground truth"] = batch["bev_seg"].float()
+        for modality, feature in prepared.inputs.items():  # what the fusion layer receives
+            comps[f"{modality} BEV feature (input)"] = feature
         for name, m in comps.items():
             out.setdefault(name, []).append(m.detach().double().flatten())
     return out
