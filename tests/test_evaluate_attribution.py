@@ -16,6 +16,7 @@ from fusionlens.evaluate.attribution import (
     ObjectAttribution,
     Visibility,
     attribute_objects,
+    mean_component_maps,
     object_cells,
     single_sensor_objects,
     summarise_attribution,
@@ -102,3 +103,24 @@ def test_a_blind_modality_gets_no_credit():
         conv.weight[:, : model.bev_channels["camera"]] = 0
     rows = attribute_objects(model, RadarOnlyWorld(2, seed=1), LMD("paper", "recomputed"), progress=False)
     assert rows and all(r.scores["camera"] == 0.0 for r in rows)
+
+
+def test_contrast_scores_subtract_the_reference_map_over_the_object_cells():
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny", "camera,radar", **SMALL)).eval()
+    data = RadarOnlyWorld(3, seed=5)
+    method = LMD("paper", "recomputed")
+    plain = attribute_objects(model, data, method, progress=False)
+    ref = mean_component_maps(model, data, method, indices=[0, 1])
+    # the mean over two scenes, worked out from the two decompositions themselves
+    subject = Subject(model)
+    maps = [method.clean(subject, subject.prepare(collate_samples([data[i]])))[0] for i in (0, 1)]
+    assert torch.allclose(ref["radar"], (maps[0]["radar"] + maps[1]["radar"]) / 2, atol=1e-6)
+    contrast = attribute_objects(model, data, method, reference=ref, progress=False)
+    assert [(r.sample, r.box) for r in contrast] == [(r.sample, r.box) for r in plain]
+    for p, c in zip(plain, contrast, strict=True):
+        mask = object_cells(data[p.sample])[p.box]
+        for m in ("camera", "radar"):
+            assert c.scores[m] == pytest.approx(p.scores[m] - float(ref[m][0, 0][mask].sum()), rel=1e-4, abs=1e-4)
+    with pytest.raises(ValueError, match="lack modalities"):
+        attribute_objects(model, data, method, reference={"camera": ref["camera"]}, progress=False)

@@ -9,7 +9,12 @@
 * Detection: :func:`evaluate_detector` (nuScenes mAP / NDS by the devkit's own algorithms).
 """
 
-from fusionlens.evaluate.attribution import ObjectAttribution, attribute_objects, summarise_attribution
+from fusionlens.evaluate.attribution import (
+    ObjectAttribution,
+    attribute_objects,
+    mean_component_maps,
+    summarise_attribution,
+)
 from fusionlens.evaluate.baselines import LMD, Captum, LMDShap, Shapley, exact_shapley, make_method
 from fusionlens.evaluate.detection import DetectionReport, evaluate_detection, evaluate_detector
 from fusionlens.evaluate.gradcam import seg_grad_cam
@@ -25,6 +30,7 @@ from fusionlens.evaluate.separation import (
 
 __all__ = [
     "LMD", "Captum", "DetectionReport", "LMDShap", "Method", "ObjectAttribution", "SeparationResult", "Shapley",
-    "Subject", "attribute_objects", "evaluate_detection", "evaluate_detector", "exact_shapley", "make_method", "mse",
-    "pairing_offsets", "pcc", "perturbation_metrics", "seg_grad_cam", "summarise_attribution",
+    "Subject", "attribute_objects", "evaluate_detection", "evaluate_detector", "exact_shapley", "make_method",
+    "mean_component_maps", "mse", "pairing_offsets", "pcc", "perturbation_metrics", "seg_grad_cam",
+    "summarise_attribution",
 ]

@@ -8,6 +8,13 @@ over the object's BEV cells (``S_m``), report the signed share ``S_m / sum_m' |S
 attributed correctly when ``argmax_m S_m`` is the sensor that saw it. Objects the fused model did not detect
 (mean probability over their cells <= 0.5) are reported separately: their attribution explains a miss.
 
+A component can carry a large map that is the same in every scene (on the built-in world the camera's lifted BEV
+features are ~95 % one fixed map: ``benchmarks/lmd_constancy.py``); its sum over an object's cells then says where
+the object is more than what the sensor saw there. ``reference`` maps (:func:`mean_component_maps`: each
+component's mean over a set of scenes) make the comparison a *contrast*: ``S_m - R_m`` summed over the same cells,
+the evidence the scene added to each component at the object. The plain sums stay the default (the issue's
+definition); the contrast is reported beside them.
+
 With two modalities, naive zero-out, exact Shapley and feature ablation rank the modalities identically -- the
 difference of their two values is ``F(x_1, 0) - F(0, x_2)`` in all three -- so their right-sensor fractions
 coincide and only the shares differ.
@@ -88,15 +95,41 @@ class ObjectAttribution:
         return max(self.scores, key=lambda m: self.scores[m]) == self.sensor
 
 
+def _checked_indices(dataset: Dataset, indices: Sequence[int] | None) -> list[int]:
+    n = len(dataset)  # type: ignore[arg-type]
+    out = list(range(n)) if indices is None else [int(i) for i in indices]
+    if any(not 0 <= i < n for i in out):
+        raise ValueError(f"indices must lie in [0, {n})")
+    return out
+
+
+def mean_component_maps(model: Any, dataset: Dataset, method: Method, *, indices: Sequence[int] | None = None,
+                        level: str = "fusion") -> dict[str, torch.Tensor]:
+    """Each component's map averaged over the scenes ``indices`` (the ``reference`` of a contrast attribution)."""
+    subject = Subject(model, level)
+    indices = _checked_indices(dataset, indices)
+    if not indices:
+        raise ValueError("mean_component_maps needs at least one scene")
+    total: dict[str, torch.Tensor] = {}
+    for idx in indices:
+        maps, _ = method.clean(subject, subject.prepare(collate_samples([dataset[idx]])))
+        for m in subject.modalities:
+            total[m] = total.get(m, 0) + maps[m].detach().double()
+    return {m: (t / len(indices)).to(torch.float32) for m, t in total.items()}
+
+
 def attribute_objects(model: Any, dataset: Dataset, method: Method, *, indices: Sequence[int] | None = None,
                       level: str = "fusion", visibility: Visibility = Visibility(), output: str = "seg",
+                      reference: dict[str, torch.Tensor] | None = None,
                       info: DistInfo | None = None, progress: bool = True) -> list[ObjectAttribution]:
-    """Attributions of every single-sensor vehicle in ``dataset`` (sharded over ranks under torchrun)."""
+    """Attributions of every single-sensor vehicle in ``dataset`` (sharded over ranks under torchrun);
+    with ``reference`` maps (:func:`mean_component_maps`) the scores are contrasts ``sum(S_m - R_m)``."""
     subject = Subject(model, level)
-    n = len(dataset)  # type: ignore[arg-type]
-    indices = list(range(n)) if indices is None else [int(i) for i in indices]
-    if any(not 0 <= i < n for i in indices):
-        raise ValueError(f"indices must lie in [0, {n})")
+    indices = _checked_indices(dataset, indices)
+    if reference is not None:
+        missing = [m for m in subject.modalities if m not in reference]
+        if missing:
+            raise ValueError(f"reference maps lack modalities {missing}")
     info = info or DistInfo()
     rows: list[ObjectAttribution] = []
     for idx in tqdm(indices[info.rank::info.world_size], desc=f"attribution {method.name}",
@@ -113,7 +146,8 @@ def attribute_objects(model: Any, dataset: Dataset, method: Method, *, indices: 
             mask = cells[box]
             if not mask.any():
                 continue
-            scores = {m: float(maps[m][0, 0][mask].sum()) for m in subject.modalities}
+            scores = {m: float((maps[m][0, 0] if reference is None else maps[m][0, 0] - reference[m][0, 0])[mask].sum())
+                      for m in subject.modalities}
             rows.append(ObjectAttribution(idx, box, sensor, bool(prob[mask].mean() > 0.5), scores))
     gathered = [r for part in all_gather_objects(info, rows) for r in part]
     order = {i: k for k, i in enumerate(indices)}
