@@ -4,6 +4,7 @@ exactly the single-process cells."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,47 @@ def test_two_gloo_processes_give_the_single_process_cells(checkpoints, tmp_path)
     assert a.keys() == b.keys()
     for key in a:  # 3 anchors over 2 ranks: uneven shards, gathered back in anchor order
         assert a[key]["result"] == b[key]["result"], key
+
+
+def test_each_checkpoint_is_read_once_per_run(tmp_path, monkeypatch):
+    """Seed check, fingerprint, model and the tables' staleness check all come from one read of each file."""
+    import builtins
+    import io
+
+    config = preset_config("tiny", "camera,radar", **SMALL)
+    ckpts = tmp_path / "ckpts"
+    torch.manual_seed(0)
+    save_checkpoint(ckpts / "tiny_camera_radar.pt", model=build_model(config), model_config=config,
+                    train_config={"seed": 0})
+    save_checkpoint(ckpts / "tiny_camera_radar_seed1.pt", model=build_model(config), model_config=config)
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, Path)) and Path(file).parent == ckpts:
+            opened.append(Path(file).name)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)  # pathlib opens through io.open
+    out = tmp_path / "lmd"
+    args = ["reproduce", "lmd", "--out", str(out), "--checkpoints", str(ckpts), *ARGS]
+    once = ["tiny_camera_radar.pt", "tiny_camera_radar_seed1.pt"]
+    assert main(args) == 0  # fresh: seed check and load
+    assert sorted(opened) == once
+    cells = _cells(out)
+    assert cells["cells/camera_radar/seed0/naive__recomputed.json"]["per_seed_model"] is True
+    assert cells["cells/camera_radar/seed1/naive__recomputed.json"]["checkpoint"].endswith("_seed1.pt")
+    opened.clear()
+    assert main(args) == 0  # all done: fingerprints only
+    assert sorted(opened) == once
+    opened.clear()
+    for name in ("seed0/lmd-paper__frozen.json", "seed1/naive__recomputed.json"):
+        (out / "cells/camera_radar" / name).unlink()
+    assert main(args) == 0  # resumed: seed check, fingerprints of the cells there, and loading the models
+    assert sorted(opened) == once
+    again = _cells(out)
+    assert again.keys() == cells.keys()
+    for key in cells:  # the measured cells come out as before
+        assert {k: v for k, v in again[key].items() if k != "seconds"} == \
+            {k: v for k, v in cells[key].items() if k != "seconds"}, key

@@ -123,10 +123,11 @@ def run_lmd(args: argparse.Namespace) -> int:
             raise ValueError(f"--pair-methods expects PAIR=METHOD,METHOD,..., got {item!r}")
         cfg.only_pairs_methods[pair] = tuple(methods.split(","))
     info = init_distributed(torch.device("cpu"))  # under torchrun: anchors and samples sharded over the ranks
-    LMDRunner(cfg, progress=not args.no_progress, info=info).run()
+    runner = LMDRunner(cfg, progress=not args.no_progress, info=info)
+    runner.run()
     if not info.is_main:
         return 0
-    table = summarise(args.out)
+    table = summarise(args.out, fingerprint=runner.fingerprint)
     atomic_write_text(Path(args.out) / "results.md", table + "\n")
     print(table)
     return 0

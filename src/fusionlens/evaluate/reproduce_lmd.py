@@ -12,12 +12,14 @@ seeds share ``tiny_<pair>.pt`` and a seed draws another set of anchor samples (t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +131,7 @@ class LMDRunner:
         config.check()
         self.cfg, self.progress, self.info = config, progress, info or DistInfo()
         self.root = Path(config.out_dir)
+        self._reads = _CheckpointReads()
 
     def checkpoint(self, pair: str, seed: int) -> tuple[Path, bool]:
         """The checkpoint for ``pair`` at ``seed`` and whether it is a per-seed model."""
@@ -141,11 +144,13 @@ class LMDRunner:
             mods = ",".join(PAIRS[pair])
             raise FileNotFoundError(f"no checkpoint {shared} (train it: fusionlens train --preset tiny --modalities "
                                     f"{mods} --out {shared}, or benchmarks/train_reference.py)")
-        from fusionlens.train.checkpoint import load_checkpoint
-
         # the reference checkpoint is itself the model trained with its own seed (0 for make reference-models)
-        trained_with = (load_checkpoint(shared).get("train_config") or {}).get("seed")
+        trained_with = (self._reads.get(shared, weights=False).train_config or {}).get("seed")
         return shared, trained_with == seed
+
+    def fingerprint(self, path: str | Path) -> str:
+        """SHA-1 of a checkpoint file (the cells' ``checkpoint_sha1``); no second read of one this runner read."""
+        return self._reads.sha1(Path(path))
 
     def cells(self) -> list[tuple[str, int, str, str]]:
         """Seed-major order, so that an interrupted run already holds whole seeds of every pair."""
@@ -168,7 +173,7 @@ class LMDRunner:
         key = (cell[0], cell[1])
         if key not in fingerprints:
             try:
-                fingerprints[key] = _fingerprint(self.checkpoint(*key)[0])
+                fingerprints[key] = self._reads.get(self.checkpoint(*key)[0], weights=False).sha1
             except FileNotFoundError:
                 fingerprints[key] = ""
         return json.loads(path.read_text()).get("checkpoint_sha1") == fingerprints[key]
@@ -183,6 +188,14 @@ class LMDRunner:
         # every rank must see the same list: decide on rank 0's view of the disk
         prints: dict[tuple[str, int], str] = {}
         todo = all_gather_objects(self.info, [c for c in self.cells() if not self.done(c, prints)])[0]
+        # each checkpoint is read once: the weights read for the seed check or the fingerprint are kept (only) until
+        # the last (pair, seed) that loads them
+        files: dict[tuple[str, int], tuple[Path, bool]] = {}
+        for key in dict.fromkeys(cell[:2] for cell in todo):
+            with contextlib.suppress(FileNotFoundError, ValueError):  # fails when its turn comes, as it always did
+                files[key] = self.checkpoint(*key)
+        uses = Counter(str(path) for path, _ in files.values())
+        self._reads.drop_weights(keep=uses)
         if not todo:
             return
         data = open_dataset(self.cfg.data, "val", size=self.cfg.val_size, seed=self.cfg.data_seed,
@@ -194,12 +207,15 @@ class LMDRunner:
         for pair, seed, spec, mode in tqdm(todo, desc="reproduce lmd", disable=not show):
             if (pair, seed) not in loaded:
                 loaded.clear()
-                path, per_seed = self.checkpoint(pair, seed)
-                model, _ = load_model(path)
+                path, per_seed = files.get((pair, seed)) or self.checkpoint(pair, seed)
+                read = self._reads.get(path)
+                model, _ = load_model(path, payload=read.payload)
+                uses[str(path)] -= 1
+                self._reads.drop_weights(keep={p for p, n in uses.items() if n})
                 anchors_n = self.cfg.anchors * (1 + self.cfg.count)
                 loaded[(pair, seed)] = (model, str(path), per_seed,
                                         {"samples": SampleCache(Subject(model), data, capacity=anchors_n),
-                                         "sha1": _fingerprint(path)})
+                                         "sha1": read.sha1})
             model, ckpt, per_seed, cache = loaded[(pair, seed)]
             rng = random.Random(seed)
             start = time.perf_counter()
@@ -232,6 +248,47 @@ class LMDRunner:
                 cache["means"] = feature_means(Subject(model), data, list(range(min(32, self.cfg.val_size))))
             return cache["means"]
         return None
+
+
+@dataclass
+class _Read:
+    stamp: tuple[int, int]  # size and mtime of the file when read
+    sha1: str
+    train_config: dict[str, Any] | None
+    payload: dict[str, Any] | None  # what load_model needs; None once no cell left in the run loads it
+
+
+class _CheckpointReads:
+    """One read of each checkpoint file per run: its SHA-1, training config and weights come from the same bytes.
+    Entries are checked against the file's size and mtime, so a checkpoint replaced meanwhile is read again."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, _Read] = {}
+
+    def get(self, path: Path, weights: bool = True) -> _Read:
+        from fusionlens.train.checkpoint import read_checkpoint
+
+        stat = path.stat()
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        entry = self._files.get(str(path))
+        if entry is None or entry.stamp != stamp or (weights and entry.payload is None):
+            payload, sha1 = read_checkpoint(path)
+            slim = {k: payload.get(k) for k in ("format", "model_config", "train_config", "model")}  # no optimizer
+            entry = self._files[str(path)] = _Read(stamp, sha1, payload.get("train_config"), slim)
+        return entry
+
+    def sha1(self, path: Path) -> str:
+        entry = self._files.get(str(path))
+        if entry is not None:
+            stat = path.stat()
+            if entry.stamp == (stat.st_size, stat.st_mtime_ns):
+                return entry.sha1
+        return _fingerprint(path)
+
+    def drop_weights(self, keep: Collection[str] = ()) -> None:
+        for name, entry in self._files.items():
+            if name not in keep:
+                entry.payload = None
 
 
 def _fingerprint(path: Path) -> str:
@@ -279,12 +336,14 @@ def _table(cells: list[dict[str, Any]], pair: str, rows: dict[str, str], metric:
     return "\n".join(lines) if len(lines) > 2 else "(not measured)"
 
 
-def summarise(out_dir: str | Path) -> str:
-    """Markdown tables from the cells under ``out_dir`` (module docstring)."""
+def summarise(out_dir: str | Path, fingerprint: Callable[[Path], str] | None = None) -> str:
+    """Markdown tables from the cells under ``out_dir`` (module docstring). ``fingerprint``: a checkpoint file's
+    SHA-1 (default: read it; the CLI passes :meth:`LMDRunner.fingerprint`, which has read them already)."""
     cells = _load_cells(Path(out_dir))
     if not cells:
         raise FileNotFoundError(f"no result cells under {out_dir}/cells (run 'fusionlens reproduce lmd' first)")
-    prints = {p: _fingerprint(Path(p)) if Path(p).is_file() else None for p in {c["checkpoint"] for c in cells}}
+    fingerprint = fingerprint or _fingerprint
+    prints = {p: fingerprint(Path(p)) if Path(p).is_file() else None for p in {c["checkpoint"] for c in cells}}
     fresh = [c for c in cells if prints[c["checkpoint"]] in (None, c.get("checkpoint_sha1"))]
     stale, cells = len(cells) - len(fresh), fresh
     sep = [c for c in cells if "result" in c]

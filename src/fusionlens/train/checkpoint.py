@@ -4,6 +4,8 @@ exactly or to rebuild the model for evaluation, decomposition or pruning."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -70,10 +72,27 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint (CPU tensors) and check its format."""
+    path = _existing(path)
+    return _checked(torch.load(path, map_location="cpu", weights_only=False), path)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
+    """Read a checkpoint file once: its payload (as :func:`load_checkpoint`) and the SHA-1 of the file's bytes,
+    a fingerprint of exactly the weights in the payload."""
+    path = _existing(path)
+    data = path.read_bytes()
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    return _checked(payload, path), hashlib.sha1(data).hexdigest()
+
+
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    return path
+
+
+def _checked(payload: Any, path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} is not a fusionlens checkpoint ({CHECKPOINT_FORMAT})")
     return payload
@@ -95,9 +114,15 @@ def load_model_state(model: FusionModel, payload: dict[str, Any], source: str = 
     model.load_state_dict(payload["model"])
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[FusionModel, dict[str, Any]]:
-    """Rebuild the model a checkpoint was trained as, with its weights, in eval mode, and the payload."""
-    payload = load_checkpoint(path)
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", payload: dict[str, Any] | None = None
+) -> tuple[FusionModel, dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained as, with its weights, in eval mode, and the payload.
+
+    ``payload``: the checkpoint as already read from ``path`` (:func:`read_checkpoint`; ``model_config`` and ``model``
+    are what it needs); the file is then not read again."""
+    if payload is None:
+        payload = load_checkpoint(path)
     model = build_model(ModelConfig.from_dict(payload["model_config"]), load_camera_weights=False)
     load_model_state(model, payload, source=str(path))
     return model.to(device).eval(), payload
