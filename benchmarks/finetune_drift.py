@@ -11,9 +11,9 @@ import argparse
 
 import torch
 
+from fusionlens.data import batch_loader
 from fusionlens.prune.pruner import finetune
 from fusionlens.prune.reference import load_reference, reference_loss
-from fusionlens.prune.reproduce import _loader
 from fusionlens.train.data import open_dataset
 from fusionlens.train.loop import evaluate
 
@@ -34,7 +34,7 @@ def main() -> None:
         torch.manual_seed(0)
         model, _ = load_reference(args.checkpoint)
         print(f"| {lr:g} | 0 | - | {100 * evaluate(model, val_set, progress=False)['all']:.1f} |", flush=True)
-        batches, done = _loader(train_set, args.batch_size, 0), 0
+        batches, done = batch_loader(train_set, args.batch_size, shuffle=True, seed=0, drop_last=True), 0
         for target in sorted(args.steps):
             losses = finetune(model, reference_loss(), batches, target - done, lr=lr)
             done = target

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from fusionlens.data.collate import collate_samples
+from fusionlens.data.collate import batch_loader, collate_samples
 from fusionlens.data.sample import Sample
 from fusionlens.io import atomic_torch_save, atomic_write_json
 from fusionlens.world.config import WorldConfig
@@ -202,8 +202,7 @@ class BuiltinWorld(Dataset):
 
     def loader(self, batch_size: int = 4, shuffle: bool = False, num_workers: int = 0, seed: int = 0,
                drop_last: bool = False) -> DataLoader:
-        """A DataLoader yielding the DESIGN.md batch dict (deterministic order for a given ``seed``)."""
-        g = torch.Generator().manual_seed(int(seed))
-        return DataLoader(self, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                          collate_fn=collate_samples, generator=g, drop_last=drop_last,
-                          persistent_workers=num_workers > 0)
+        """A DataLoader yielding the DESIGN.md batch dict (deterministic order for a given ``seed``; see
+        :func:`~fusionlens.data.collate.batch_loader`)."""
+        return batch_loader(self, batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                            num_workers=num_workers)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from fusionlens.data.sample import LIDAR_FIELDS, RADAR_FIELDS, Sample
 
@@ -81,3 +82,16 @@ def collate_samples(samples: Sequence[Sample], min_points: int = 1) -> dict[str,
     batch["visibility"] = [s.visibility for s in samples]
     batch["meta"] = [s.meta for s in samples]
     return batch
+
+
+def batch_loader(dataset: Dataset, batch_size: int = 4, shuffle: bool = False, seed: int = 0,
+                 drop_last: bool = False, num_workers: int = 0) -> DataLoader:
+    """A DataLoader over a dataset of :class:`Sample` yielding the DESIGN.md batch dict (:func:`collate_samples`).
+
+    The shuffle order comes from a generator seeded with ``seed`` alone (not the global RNG): the same seed gives
+    the same batches, and each pass over the loader draws the next permutation of that generator.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      collate_fn=collate_samples, generator=gen, drop_last=drop_last,
+                      persistent_workers=num_workers > 0)

@@ -41,8 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from fusionlens.data.collate import batch_loader
 from fusionlens.io import atomic_write_json
 from fusionlens.models import FusionModel, ModelConfig
 from fusionlens.models.config import CAMERA_DEPTHS
@@ -146,15 +147,6 @@ def _slug(pair: str) -> str:
     return pair.replace(",", "_")
 
 
-def _loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
-    from fusionlens.data.collate import collate_samples
-
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, generator=gen, collate_fn=collate_samples, drop_last=True
-    )
-
-
 #: settings that change what a cell measures (the grid's methods, sparsities and seeds only select cells)
 PROTOCOL_FIELDS: tuple[str, ...] = (
     "train_size", "val_size", "data_seed", "model_overrides", "reference_steps", "reference_batch", "reference_lr",
@@ -247,7 +239,8 @@ class Runner:
     def dense(self, pair: str) -> dict[str, Any]:
         def compute() -> dict[str, Any]:
             model = self.reference(pair)
-            ex = example_inputs(model, next(iter(_loader(self.data()[1], 1, 0))))
+            first = batch_loader(self.data()[1], 1, shuffle=True, seed=0, drop_last=True)
+            ex = example_inputs(model, next(iter(first)))
             return {
                 "pair": pair,
                 "reference": describe(self.variant),
@@ -294,8 +287,8 @@ class Runner:
             torch.manual_seed(seed)
             model = self.reference(pair)
             train_set, val_set = self.data()
-            batches = _loader(train_set, self.cfg.batch_size, seed)
-            ex_batch = next(iter(_loader(val_set, 1, 0)))
+            batches = batch_loader(train_set, self.cfg.batch_size, shuffle=True, seed=seed, drop_last=True)
+            ex_batch = next(iter(batch_loader(val_set, 1, shuffle=True, seed=0, drop_last=True)))
             result = prune(
                 model,
                 method,
@@ -328,8 +321,8 @@ class Runner:
             torch.manual_seed(seed)
             model = self.reference(pair)
             train_set, val_set = self.data()
-            batches = _loader(train_set, self.cfg.batch_size, seed)
-            ex = example_inputs(model, next(iter(_loader(val_set, 1, 0))))
+            batches = batch_loader(train_set, self.cfg.batch_size, shuffle=True, seed=seed, drop_last=True)
+            ex = example_inputs(model, next(iter(batch_loader(val_set, 1, shuffle=True, seed=0, drop_last=True))))
             importance = build_importance(
                 method,
                 loss_fn=self.loss(),
