@@ -29,14 +29,13 @@ recipes can never mix; a tree holding cells but no ``recipe.json`` predates the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
-from fusionlens.io import atomic_write_json
+from fusionlens.io import claim_settings
 from fusionlens.models import FusionModel, ModelConfig, preset_config
 from fusionlens.prune.reference import load_reference
 
@@ -87,21 +86,11 @@ def describe(variant: dict[str, Any]) -> str:
 
 def claim_root(root: Path, variant: dict[str, Any]) -> None:
     """Record ``variant`` in ``root/recipe.json``; ``ValueError`` when the tree holds another variant's cells."""
-    path = root / "recipe.json"
-    if path.is_file():
-        stored = json.loads(path.read_text())["variant"]
-    elif any((root / d).exists() for d in _CELL_DIRS):
-        stored = LEGACY_VARIANT  # cells from before recipe.json existed: all made with the scratch recipe
-    else:
-        stored = variant
-    if stored != variant:
-        raise ValueError(
-            f"{root} holds cells of reference variant {stored} ({variant_tag(stored)}), not {variant} "
-            f"({variant_tag(variant)}): cells of different recipes must not mix -- pass the parent folder as "
-            "--out (each variant gets its own sub-tree) or another --out"
-        )
-    if not path.is_file():
-        atomic_write_json(path, {"variant": variant, "reference": describe(variant)})
+    legacy = any((root / d).exists() for d in _CELL_DIRS)  # cells from before recipe.json: the scratch recipe
+    claim_settings(root / "recipe.json", variant, under="variant", extra={"reference": describe(variant)},
+                   assumed=LEGACY_VARIANT if legacy else None, what="cells of another reference variant",
+                   remedy=f"cells of different recipes must not mix: pass the parent folder as --out (each variant "
+                          f"gets its own sub-tree; this one {variant_tag(variant)}) or another --out")
 
 
 class ReferenceModels:

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fusionlens.data.collate import batch_loader
-from fusionlens.io import atomic_write_json
+from fusionlens.io import atomic_write_json, claim_settings
 from fusionlens.models import FusionModel, ModelConfig
 from fusionlens.models.config import CAMERA_DEPTHS
 from fusionlens.prune.api import METHODS, build_importance, prune
@@ -160,17 +160,8 @@ def _claim_protocol(root: Path, config: ReproduceConfig) -> None:
 
     Cell files are keyed by pair, method, sparsity and seed only, so a run with, say, another fine-tuning length
     would otherwise silently reuse cells measured with the old one."""
-    protocol = json.loads(json.dumps({k: getattr(config, k) for k in PROTOCOL_FIELDS}))  # tuples -> lists
-    path = root / "protocol.json"
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        diff = {k: (stored.get(k), protocol[k]) for k in protocol if stored.get(k) != protocol[k]}
-        if diff:
-            raise ValueError(f"{root} holds cells measured with another protocol "
-                             + "; ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
-                             + " -- pass another --out to measure this one")
-        return
-    atomic_write_json(path, protocol)
+    claim_settings(root / "protocol.json", {k: getattr(config, k) for k in PROTOCOL_FIELDS},
+                   what="cells measured with another protocol", remedy="pass another --out to measure this one")
 
 
 class Runner:
