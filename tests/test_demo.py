@@ -17,7 +17,7 @@ def test_demo_runs_every_step_and_writes_a_report(tmp_path):
     linked = re.findall(r"\]\(([^)]+\.png)\)", report)
     assert any(p.startswith("explain/") for p in linked) and any(p.startswith("world/") for p in linked)
     assert all((out / p).is_file() for p in linked)
-    assert "| altermoma |" in report and "| magnitude |" in report
+    assert "| altermoma |" in report and "| magnitude |" in report and "| snip |" in report
     assert (out / "checkpoints" / "camera_radar.pt").is_file()
     assert (out / "checkpoints" / "camera_trunk.pt").is_file()
     # a second run reuses the finished checkpoint instead of failing on it

@@ -2,8 +2,8 @@
 
 Steps: (1) generate a small built-in dataset, (2) draw sample figures, then the main job
 (:mod:`fusionlens.demo_pipeline`): (3) pre-train the camera trunk on the world's pixel labels, (4) train a tiny
-camera-radar model, (5) evaluate it, (6) explain it with LMD, (7) prune it with AlterMOMA and a magnitude
-baseline, (8) write ``report.md``.
+camera-radar model, (5) evaluate it, (6) explain it with LMD, (7) prune it with AlterMOMA, magnitude and SNIP,
+(8) write ``report.md``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("train a tiny camera-radar model", demo_pipeline.step_train),
     ("evaluate: vehicle IoU", demo_pipeline.step_evaluate),
     ("explain: LMD panels", demo_pipeline.step_explain),
-    ("prune: AlterMOMA vs magnitude at 85%", demo_pipeline.step_prune),
+    ("prune: AlterMOMA vs magnitude and SNIP at 85%", demo_pipeline.step_prune),
     ("report", demo_pipeline.step_report),
 ]
 

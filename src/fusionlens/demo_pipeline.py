@@ -71,9 +71,10 @@ def step_explain(ctx: dict[str, Any]) -> None:
 
 
 def step_prune(ctx: dict[str, Any]) -> None:
-    """AlterMOMA against global magnitude pruning at 85% sparsity, each briefly fine-tuned with fixed masks."""
+    """AlterMOMA against global magnitude pruning and SNIP (the strongest baseline on the built-in world, see
+    benchmarks/RESULTS.md) at 85% sparsity, each briefly fine-tuned with fixed masks."""
     ctx["pruned"] = {}
-    for method in ("magnitude", "altermoma"):
+    for method in ("magnitude", "snip", "altermoma"):
         out = ctx["out"] / "pruned" / f"{method}_0.85.pt"
         _run(["prune", "--checkpoint", str(ctx["checkpoint"]), "--method", method, "--sparsity", "0.85",
               "--finetune-steps", str(ctx["finetune_steps"]), "--train-size", str(ctx["train_size"]),
