@@ -143,6 +143,25 @@ class PillarScatterFusion(nn.Module):
         return self.fuse(torch.cat(maps, 1))
 
 
+class SelectionFusion(nn.Module):
+    """Selections and a scale-only norm after the fusion: elementwise maximum, max with indices, amax over
+    several dims, top-k, max-pooling and RMSNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fuse = nn.Conv2d(5, 6, 3, padding=1)
+        self.norm = nn.RMSNorm(6)
+
+    def forward(self, camera: torch.Tensor, radar: torch.Tensor) -> torch.Tensor:
+        x = self.fuse(torch.cat([camera, radar], 1))
+        x = torch.maximum(x, x.flip(-1))
+        pooled = F.max_pool2d(x, 2)
+        top = pooled.flatten(2).topk(3, dim=-1).values.sum(-1)
+        peak = x.amax(dim=(2, 3))
+        channel_max = x.max(dim=1).values.mean((1, 2)).unsqueeze(-1)
+        return self.norm(x.permute(0, 2, 3, 1)).mean((1, 2)) + peak + top + channel_max
+
+
 def resnet_camera(depth: int) -> CameraRadarClassifier:
     backbone = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth](num_classes=16)
     return randomise_norm_stats(CameraRadarClassifier(backbone)).eval()

@@ -197,3 +197,82 @@ def test_bad_input_errors(inputs, kwargs, match):
 def test_bad_rule_variant_names():
     with pytest.raises(ValueError, match="norm rule"):
         LinearizationSettings(norm="median")
+
+
+class ConcatConv(nn.Module):
+    """``conv(cat(...))`` as a fusion layer, in the variants the convolution rule must handle."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        self.variant = variant
+        self.register_buffer("const", torch.randn(1, 2, 5, 5))
+        cin = {"constant": 7, "repeated": 8, "three": 6}.get(variant, 5)
+        if variant == "transposed":
+            self.conv = nn.ConvTranspose2d(cin, 4, 3, stride=2, bias=True)
+        else:
+            groups = 5 if variant == "grouped" else 1
+            self.conv = nn.Conv2d(cin, 5 if variant == "grouped" else 4, 3, padding=1, groups=groups)
+        self.eval()
+
+    def forward(self, camera, radar, lidar=None):
+        parts = {
+            "constant": [camera, self.const.expand(camera.shape[0], -1, -1, -1), radar],
+            "repeated": [camera, radar, 2 * camera],  # the camera holds two spans
+            "three": [camera, lidar, radar],
+            "unbatched": [camera[0], radar[0]],
+        }.get(self.variant, [camera, radar])
+        x = torch.cat(parts, 0 if self.variant == "unbatched" else 1)
+        if self.variant == "scaled":
+            x = x * 1.0  # a linear op in between: no spans reach the convolution
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("variant", ["plain", "constant", "repeated", "three", "unbatched", "transposed", "grouped",
+                                     "scaled"])
+def test_convolution_after_concatenation_by_channel_spans(variant, monkeypatch):
+    """Each modality's component of ``conv(cat(x_1, .., x_M))`` is the convolution of its own channels (every other
+    channel zero) without the layer's bias: computed on those channels alone when the concatenation's spans reach
+    the convolution, densely otherwise, with the same result."""
+    from fusionlens.decompose import rules
+
+    used = []
+    blocked = rules._blocked_convolution
+    monkeypatch.setattr(rules, "_blocked_convolution", lambda *a: used.append(blocked(*a) is not None) or blocked(*a))
+    model = ConcatConv(variant)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"camera": torch.randn(2, 3, 5, 5, generator=g), "radar": torch.randn(2, 2, 5, 5, generator=g)}
+    if variant == "three":
+        inputs["lidar"] = torch.randn(2, 1, 5, 5, generator=g)
+    d = decompose(model, inputs)
+    assert used == [variant not in ("grouped", "scaled")]
+    for name in inputs:  # reference: the model with every other input zeroed, minus the model at zero
+        only = {k: (v if k == name else torch.zeros_like(v)) for k, v in inputs.items()}
+        zero = {k: torch.zeros_like(v) for k, v in inputs.items()}
+        with torch.no_grad():
+            want = model(**only) - model(**zero)
+        torch.testing.assert_close(d.components[name], want, rtol=1e-5, atol=1e-5)
+    assert d.conservation_error().relative <= 1e-6
+
+
+class ScaleNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(4)
+        self.eval()
+
+    def forward(self, camera, radar):
+        return self.norm(camera + radar)
+
+
+def test_rms_norm_scale_is_frozen_with_the_coefficients():
+    """The RMSNorm scale is an operating-point quantity: replaying the clean input's coefficients on another radar
+    input keeps the camera component exactly (before, the scale was taken from the new total)."""
+    model = ScaleNorm()
+    g = torch.Generator().manual_seed(0)
+    cam, rad, other = (torch.randn(3, 4, generator=g) for _ in range(3))
+    clean = decompose(model, {"camera": cam, "radar": rad}, record_coefficients=True)
+    swapped = decompose(model, {"camera": cam, "radar": other}, coefficients=clean.coefficients)
+    torch.testing.assert_close(swapped.components["camera"], clean.components["camera"], rtol=0, atol=0)
+    assert swapped.conservation_error().relative <= 1e-6
+    scale = torch.rsqrt((cam + rad).pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(clean.components["camera"], cam * scale * model.norm.weight)

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from decompose_zoo import (
     EarlyFusionNet,
     InstanceNormUNet,
     PiecewiseLinearFusion,
     PillarScatterFusion,
+    SelectionFusion,
     TokenFusionTransformer,
     mobilenet_camera,
     randomise_norm_stats,
@@ -155,3 +162,89 @@ def test_layer_capture_matches_output_of_module():
     torch.testing.assert_close(captured["total"], expected)
     with pytest.raises(KeyError, match="not captured"):
         d.layer("down2")
+
+
+def _batch_cases():
+    g = torch.Generator().manual_seed(5)
+
+    def two(c_cam: int, c_rad: int, size: int = 8):
+        return lambda b: {"camera": torch.randn(b, c_cam, size, size, generator=g),
+                          "radar": torch.randn(b, c_rad, size, size, generator=g)}
+
+    def tokens(b):
+        return {"camera": torch.randn(b, 5, 6, generator=g), "radar": torch.randn(b, 3, 4, generator=g)}
+
+    mask = torch.tensor([0, 0, 0, 1, 1]).view(1, 5, 1, 1)
+    unet = InstanceNormUNet().eval()
+    return {
+        **{f"unet-{r}": (unet, two(3, 2, 16), {"rules": r})
+           for r in ("paper", "sum-splitting", "ratio-splitting", "bn-uniform+norm-uniform")},
+        "piecewise-linear-global": (randomise_norm_stats(PiecewiseLinearFusion()).eval(), two(3, 2, 16),
+                                    {"bias": "global"}),
+        "selections": (SelectionFusion().eval(), two(3, 2), {}),
+        "transformer-sdpa": (TokenFusionTransformer().eval(), tokens, {}),
+        "transformer-softmax": (TokenFusionTransformer().eval(), tokens, {"forward_kwargs": {"explicit": True}}),
+        "early-fusion-mask": (EarlyFusionNet().eval(), lambda b: torch.randn(b, 5, 8, 8, generator=g),
+                              {"modality_mask": mask, "names": ["camera", "radar"]}),
+    }
+
+
+def _sample(inputs, i):
+    return inputs[i:i + 1] if isinstance(inputs, torch.Tensor) else {k: v[i:i + 1] for k, v in inputs.items()}
+
+
+def _assert_rows(together, alone, i):
+    for name in together.names:
+        for a, b in zip(tree_flatten(together.components[name])[0], tree_flatten(alone.components[name])[0]):
+            torch.testing.assert_close(a[i:i + 1], b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(_batch_cases()))
+def test_batch_replays_through_one_samples_coefficients(case):
+    """Coefficients recorded on one sample replay on a batch: each row equals that sample replayed alone (slopes,
+    norm statistics and bias shares broadcast; pooling/top-k indices, selection masks, softmax weights and product
+    operands are expanded), the output is the model's own, and the components still sum to it."""
+    model, make, kwargs = _batch_cases()[case]
+    clean = decompose(model, make(1), record_coefficients=True, **kwargs)
+    assert clean.coefficients.batch == 1
+    batch = make(3)
+    together = decompose(model, batch, coefficients=clean.coefficients, **kwargs)
+    assert together.conservation_error().relative <= FLOAT32_REL
+    for i in range(3):
+        _assert_rows(together, decompose(model, _sample(batch, i), coefficients=clean.coefficients, **kwargs), i)
+    moved = 0.0
+    for a, b in zip(tree_flatten(together.components["radar"])[0], tree_flatten(clean.components["radar"])[0]):
+        moved = max(moved, (a[1:2] - b).abs().max().item())
+    assert moved > 1e-4  # the rows really are other inputs, not the recorded one
+
+
+@pytest.mark.parametrize("case", sorted(_batch_cases()))
+def test_batch_decomposes_every_sample_as_alone(case):
+    """Every rule acts per sample (norm statistics per sample, per-neuron slopes and bias splits), so decomposing a
+    batch equals decomposing its samples one by one -- what batched perturbation metrics rely on."""
+    model, make, kwargs = _batch_cases()[case]
+    batch = make(3)
+    together = decompose(model, batch, **kwargs)
+    for i in range(3):
+        _assert_rows(together, decompose(model, _sample(batch, i), **kwargs), i)
+
+
+def test_coefficients_replay_errors_and_copies():
+    model = SelectionFusion().eval()
+    g = torch.Generator().manual_seed(0)
+    two = {"camera": torch.randn(2, 3, 8, 8, generator=g), "radar": torch.randn(2, 2, 8, 8, generator=g)}
+    tape = decompose(model, two, record_coefficients=True).coefficients
+    assert tape.batch == 2 and isinstance(tape, list)
+    assert copy.deepcopy(tape).batch == 2 and pickle.loads(pickle.dumps(tape)).batch == 2
+    decompose(model, two, coefficients=tape)  # the same batch size: as before
+    with pytest.raises(ValueError, match="recorded on a batch of 2"):
+        decompose(model, {k: torch.cat([v, v[:1]]) for k, v in two.items()}, coefficients=tape)
+
+    class MixesSamples(nn.Module):  # pools across the batch: one sample's indices cannot serve a batch
+        def forward(self, camera, radar):
+            return F.max_pool1d((camera[:, :2] + radar).reshape(1, 1, -1), 2)
+
+    one = {k: v[:1] for k, v in two.items()}
+    tape = decompose(MixesSamples().eval(), one, record_coefficients=True).coefficients
+    with pytest.raises(RuntimeError, match="does not broadcast"):
+        decompose(MixesSamples().eval(), two, coefficients=tape)

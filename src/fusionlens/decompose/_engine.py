@@ -11,9 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ._stream import Stream, replace_streams, streams_in, unwrap
+from ._stream import BlockedParts, Stream, replace_streams, streams_in, unwrap
 
 # Calls that read metadata or leave the tensor world: answered from the operating point.
 _PASSTHROUGH = frozenset({
@@ -34,6 +34,28 @@ _INPLACE_DUNDERS = {
 
 class UnsupportedOperationError(NotImplementedError):
     """A decomposed tensor reached an op that has no linearization rule."""
+
+
+class Coefficients(list):
+    """The recorded coefficients (a list, in call order) and ``batch``: the common leading size of the modality
+    inputs they were recorded on (``None`` if the inputs had none)."""
+
+    batch: int | None = None
+
+    def __reduce__(self) -> tuple:  # pickling / deepcopy keep ``batch``
+        return Coefficients._rebuild, (list(self), self.batch)
+
+    @staticmethod
+    def _rebuild(items: list[Any], batch: int | None) -> Coefficients:
+        out = Coefficients(items)
+        out.batch = batch
+        return out
+
+
+def input_batch(tensors: list[torch.Tensor]) -> int | None:
+    """The leading size shared by all modality inputs, or ``None``."""
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def op_name(func: Callable) -> str:
@@ -67,14 +89,25 @@ class Engine:
     """Holds the state of one decomposition: component names, rule set, bias mode, module path, captures."""
 
     def __init__(self, names: list[str], rules: Any, bias: str, replay: list[Any] | None = None,
-                 record: bool = False) -> None:
+                 record: bool = False, batch: int | None = None) -> None:
         self.names = [*names, "bias"]
         # Coefficients of the linearization (slopes, norm statistics, pooling winners, attention weights), in call
         # order: recorded to freeze a decomposition at one operating point, replayed to evaluate the linearized
         # network at other inputs (the "frozen" perturbation metrics of appendix D.2).
-        self.tape: list[Any] | None = [] if record else None
+        self.tape: Coefficients | None = None
+        if record:
+            self.tape = Coefficients()
+            self.tape.batch = batch
         self.replay = replay
         self._cursor = 0
+        # Coefficients recorded on one sample, replayed on a batch of B: every sample goes through the same
+        # linearization. Slopes, norm statistics and bias shares broadcast by themselves; indices, selection masks
+        # and the operands of products are expanded to the shapes the ops have now (``coefficient(like=...)``).
+        recorded = getattr(replay, "batch", None)
+        self.broadcast = replay is not None and recorded == 1 and batch is not None and batch != 1
+        if replay is not None and recorded is not None and batch is not None and recorded not in (1, batch):
+            raise ValueError(f"coefficients were recorded on a batch of {recorded} and cannot be replayed on a batch "
+                             f"of {batch}; record them on one sample to replay them on any batch")
         self.num_components = len(self.names)
         self.num_modalities = len(names)  # stored slices; constants go to the implicit bias component
         self.rules = rules
@@ -109,18 +142,42 @@ class Engine:
         a, kw = replace_streams((args, kwargs), lambda s: torch.zeros_like(s.fl_total()))
         return _call_plain(func, a, kw)
 
-    def coefficient(self, compute: Callable[[], Any]) -> Any:
-        """An operating-point quantity: computed now (and recorded), or taken from the frozen tape."""
+    def coefficient(self, compute: Callable[[], Any], like: Any = None) -> Any:
+        """An operating-point quantity: computed now (and recorded), or taken from the frozen tape. ``like``: what
+        ``compute()`` would return now (same structure), for the shapes of a batch replayed through coefficients
+        recorded on one sample; pass it where the value does not broadcast by itself (indices, masks handed back
+        to the model, operands of products)."""
         if self.replay is not None:
             if self._cursor >= len(self.replay):
                 raise RuntimeError(f"frozen coefficients exhausted at '{self.where()}': the model took another path")
             value = self.replay[self._cursor]
             self._cursor += 1
+            if self.broadcast and like is not None:
+                value = self._expand(value, like)
             return value
         value = compute()
         if self.tape is not None:
             self.tape.append(value)
         return value
+
+    def _expand(self, value: Any, like: Any) -> Any:
+        leaves, spec = tree_flatten(value)
+        targets = tree_flatten(like)[0]
+        if len(targets) != len(leaves):
+            return value
+        out = []
+        for v, t in zip(leaves, targets):
+            if isinstance(v, torch.Tensor) and isinstance(t, torch.Tensor) and v.shape != t.shape:
+                try:
+                    v = v.expand(t.shape)
+                except RuntimeError as exc:
+                    raise RuntimeError(
+                        f"a coefficient recorded with shape {tuple(v.shape)} does not broadcast to {tuple(t.shape)} in "
+                        f"'{self.where()}': replaying a batch through one sample's coefficients needs a model that "
+                        "treats samples independently"
+                    ) from exc
+            out.append(v)
+        return tree_unflatten(out, spec)
 
     def where(self) -> str:
         return ".".join(p for p in self.module_path if p) or "<top level>"
@@ -146,7 +203,7 @@ class Engine:
             return _wrap(_call_plain(func, args, kwargs), lambda t: Stream.single(t, owner))
         total = _call_plain(func, args, kwargs)
         if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tree_flatten(total)[0]):
-            return self.coefficient(lambda: total)  # comparisons, indices, int casts: constants at the operating point
+            return self._constant(total)  # comparisons, indices, int casts: constants at the operating point
         rule = self.rules.lookup(func, name)
         if rule is None:
             raise UnsupportedOperationError(
@@ -155,8 +212,14 @@ class Engine:
             )
         parts = rule(self, func, args, kwargs, total)
         if parts is None:  # the rule declared the output a constant at the operating point
-            return self.coefficient(lambda: total)
+            return self._constant(total)
         return _attach(total, parts)
+
+    def _constant(self, total: Any) -> Any:
+        value = self.coefficient(lambda: total, like=total)
+        if self.broadcast:  # expanded views handed to the model: give it ordinary tensors to write into
+            value = tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, value)
+        return value
 
     def _out_of_place(self, func: Callable, name: str, args: tuple, kwargs: dict) -> tuple | None:
         if kwargs.get("inplace"):
@@ -194,7 +257,7 @@ class Engine:
             # A plain buffer received modality data in place (``canvas[idx] = features``): it becomes a stream
             # so the data stays tracked. Python allows the class change because Stream adds no slots.
             target.__class__ = Stream
-        target._fl_owner, target._fl_parts = result._fl_owner, result._fl_parts
+        target._fl_owner, target._fl_parts, target._fl_blocks = result._fl_owner, result._fl_parts, result._fl_blocks
         return None if name == "_setitem_out" else target
 
 
@@ -212,6 +275,8 @@ def _wrap(out: Any, make: Callable[[torch.Tensor], Stream]) -> Any:
 def _attach(total: Any, parts: Any) -> Any:
     """Pair each floating tensor of the op's output with its components (``None`` = constant output)."""
     if isinstance(total, torch.Tensor):
+        if isinstance(parts, BlockedParts):
+            return Stream.multi(total, parts.parts, parts.blocks)
         return total if parts is None else Stream.multi(total, parts)
     total_leaves, spec = tree_flatten(total)
     # rules return one entry per output leaf (a tensor of components or None for a constant leaf)

@@ -11,13 +11,17 @@ Two representations, chosen to keep the cost of a decomposition close to one for
   that would be propagated explicitly equals that difference — and keeping it implicit saves one of the
   ``M + 2`` streams (total, modalities, bias) in every layer after the fusion.
 
+A multi tensor made by concatenating single-modality tensors (the fusion layer's input) also records which
+slice along the concatenated dimension each modality holds (``blocks``; zero elsewhere), so that the convolution
+that follows computes each component on its own channels only (``rules.convolution``).
+
 A :class:`Stream` outside an active decomposition behaves as a plain tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -25,24 +29,40 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 _ACTIVE: list[Any] = []  # stack of engines; the innermost one handles intercepted calls
 
 
+class Blocks(NamedTuple):
+    """Where each modality's component of a multi tensor can be non-zero: ``spans`` of ``(start, stop, owner)``
+    along dimension ``dim`` of the tensor (not of the parts); every component is zero outside its own spans."""
+
+    dim: int
+    spans: tuple[tuple[int, int, int], ...]
+
+
+class BlockedParts(NamedTuple):
+    """What a rule returns to attach ``blocks`` to its output's ``parts``."""
+
+    parts: torch.Tensor
+    blocks: Blocks
+
+
 class Stream(torch.Tensor):
     """Operating-point tensor with modality components (see module docstring)."""
 
     _fl_owner: int | None
     _fl_parts: torch.Tensor | None
+    _fl_blocks: Blocks | None
 
     @staticmethod
     def single(total: torch.Tensor, owner: int) -> Stream:
         out = _plain(total).as_subclass(Stream)
-        out._fl_owner, out._fl_parts = owner, None
+        out._fl_owner, out._fl_parts, out._fl_blocks = owner, None, None
         return out
 
     @staticmethod
-    def multi(total: torch.Tensor, parts: torch.Tensor) -> Stream:
+    def multi(total: torch.Tensor, parts: torch.Tensor, blocks: Blocks | None = None) -> Stream:
         if parts.shape[1:] != total.shape:
             raise RuntimeError(f"internal: parts {tuple(parts.shape)} do not match total {tuple(total.shape)}")
         out = _plain(total).as_subclass(Stream)
-        out._fl_owner, out._fl_parts = None, parts
+        out._fl_owner, out._fl_parts, out._fl_blocks = None, parts, blocks
         return out
 
     def fl_total(self) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ._engine import Engine
+from ._engine import Engine, input_batch
 from ._stream import ActiveEngine, Stream
 from .ruleset import LinearizationSettings, RuleSet, resolve_rules
 
@@ -104,6 +104,9 @@ def decompose(
             including the bias shares moved by sum/ratio splitting) on these inputs — the "frozen" mode of the
             perturbation metrics. The modality components are those of that fixed affine system; the bias
             component is the rest of this input's nonlinear output, so the components still sum to it.
+            Coefficients recorded on one sample (inputs of batch size 1) replay on a batch of any size: each
+            sample goes through that same linearization, exactly as if replayed alone, provided the model treats
+            the samples of a batch independently (no cross-sample statistics or reductions).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -126,7 +129,8 @@ def decompose(
     with _evaluation(model):
         if ruleset is None:
             return _naive(call, modality_names, tensors, modality_mask)
-        engine = Engine(modality_names, ruleset, bias, replay=coefficients, record=record_coefficients)
+        engine = Engine(modality_names, ruleset, bias, replay=coefficients, record=record_coefficients,
+                        batch=input_batch(tensors))
         streams = _wrap_inputs(engine, tensors, modality_mask, bias)
         captures: dict[str, list[dict[str, torch.Tensor]]] = {n: [] for n in wanted}
         handles = _attach_hooks(model, engine, captures)

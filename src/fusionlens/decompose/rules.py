@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._stream import Stream
+from ._stream import BlockedParts, Blocks, Stream
 
 Rule = Callable[[Any, Callable, tuple, dict, Any], Any]
 
@@ -54,6 +54,29 @@ def affine(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -
     return stacked
 
 
+def concatenate(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:
+    """``cat``: affine (eq. 21–22; constant operands belong to the bias). When every decomposed operand is wholly
+    one modality's -- the single-modality branches meeting at the fusion layer -- each component is that modality's
+    operands in place and zeros elsewhere, and the output records those slices (:class:`~._stream.Blocks`), so
+    that a convolution right after computes each component on its own input channels only."""
+    tensors = _arg(args, kwargs, 0, "tensors")
+    dim = _arg(args, kwargs, 1, "dim", 0)
+    if (not isinstance(total, torch.Tensor) or not isinstance(tensors, list | tuple) or not isinstance(dim, int)
+            or any(isinstance(t, Stream) and t._fl_owner is None for t in tensors)
+            or any(not isinstance(t, torch.Tensor) or t.dim() != total.dim() for t in tensors)):
+        return affine(engine, func, args, kwargs, total)
+    dim %= total.dim()
+    parts = total.new_zeros((engine.num_modalities, *total.shape))
+    spans, start = [], 0
+    for t in tensors:
+        stop = start + t.shape[dim]
+        if isinstance(t, Stream):
+            parts[t._fl_owner].narrow(dim, start, stop - start).copy_(t.fl_total())
+            spans.append((start, stop, t._fl_owner))
+        start = stop
+    return BlockedParts(parts, Blocks(dim, tuple(spans)))
+
+
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
     if len(args) > index:
         return args[index]
@@ -68,17 +91,50 @@ def _constant(value: Any, what: str, engine: Any) -> Any:
 
 def convolution(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> torch.Tensor:
     """Convolution (1–3-d, transposed): linear in its input for a constant weight; the layer's bias belongs to the
-    bias component (eq. 21). The modalities run as one batched call."""
+    bias component (eq. 21). The modalities run as one batched call -- or, on a concatenation of single-modality
+    inputs (the fusion layer), each modality on its own input channels only (the others are zero there)."""
     x = args[0]
     weight = _constant(_arg(args, kwargs, 1, "weight"), "the convolution weight", engine)
     _constant(_arg(args, kwargs, 2, "bias"), "the convolution bias", engine)
     rest = args[3:]
+    call_kwargs = {k: v for k, v in kwargs.items() if k not in ("weight", "bias")}
     parts = engine.parts(x)
+    blocked = _blocked_convolution(engine, func, x, parts, weight, rest, call_kwargs, total)
+    if blocked is not None:
+        return blocked
     batched = parts.dim() == weight.dim() + 1
     flat = parts.flatten(0, 1) if batched else parts
     with torch._C.DisableTorchFunctionSubclass():
-        out = func(flat, weight, None, *rest, **{k: v for k, v in kwargs.items() if k not in ("weight", "bias")})
+        out = func(flat, weight, None, *rest, **call_kwargs)
     return out.unflatten(0, parts.shape[:2]) if batched else out
+
+
+def _blocked_convolution(engine: Any, func: Callable, x: Any, parts: torch.Tensor, weight: torch.Tensor,
+                         rest: tuple, call_kwargs: dict, total: torch.Tensor) -> torch.Tensor | None:
+    """Component ``k`` of a convolution of ``x`` whose components are zero outside known input-channel spans:
+    the convolution of those channels with the matching slice of the weight (exact: the other channels add
+    zeros). ``None`` when ``x`` has no such spans or the convolution is grouped."""
+    blocks = getattr(x, "_fl_blocks", None)
+    channel = parts.dim() - weight.dim()  # 1 for a batch, 0 for one unbatched input
+    groups = rest[3] if len(rest) > 3 else call_kwargs.get("groups", 1)
+    if blocks is None or blocks.dim != channel or groups != 1 or channel not in (0, 1):
+        return None
+    in_dim = 0 if "transpose" in getattr(func, "__name__", "") else 1  # input channels of the weight
+    out = []
+    for k in range(engine.num_modalities):
+        spans = [(a, b) for a, b, owner in blocks.spans if owner == k]
+        if not spans:
+            out.append(torch.zeros_like(total))
+            continue
+        if len(spans) == 1:
+            (a, b), = spans
+            xk, wk = parts[k].narrow(channel, a, b - a), weight.narrow(in_dim, a, b - a)
+        else:
+            index = torch.cat([torch.arange(a, b, device=weight.device) for a, b in spans])
+            xk, wk = parts[k].index_select(channel, index), weight.index_select(in_dim, index)
+        with torch._C.DisableTorchFunctionSubclass():
+            out.append(func(xk, wk, None, *rest, **call_kwargs))
+    return torch.stack(out)
 
 
 def dense(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> torch.Tensor:
@@ -99,7 +155,8 @@ def multilinear(engine: Any, func: Callable, args: tuple, kwargs: dict, total: A
     positions = [i for i, x in enumerate(leaves) if isinstance(x, Stream)]
     if len(positions) == 1:
         return linear(engine, func, args, kwargs, total)
-    totals = engine.coefficient(lambda: [x.fl_total() if isinstance(x, Stream) else x for x in leaves])
+    current = [x.fl_total() if isinstance(x, Stream) else x for x in leaves]
+    totals = engine.coefficient(lambda: current, like=current)
     acc = None
     for j in positions:
         parts = leaves[j].fl_parts(engine.num_modalities)

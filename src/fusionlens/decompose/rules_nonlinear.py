@@ -211,12 +211,13 @@ def group_norm(engine: Any, func: Callable, args: tuple, kwargs: dict, total: to
 
 
 def rms_norm(engine: Any, func: Callable, args: tuple, kwargs: dict, total: torch.Tensor) -> torch.Tensor:
-    """RMSNorm: no centring, so with the scale cached from the total it is linear in every component."""
+    """RMSNorm: no centring, so with the scale cached from the total it is linear in every component (the scale is
+    an operating-point quantity, frozen with the other coefficients)."""
     x = args[0].fl_total()
     shape = tuple(_arg(args, kwargs, 1, "normalized_shape"))
     dims = tuple(range(x.dim() - len(shape), x.dim()))
     eps = _arg(args, kwargs, 3, "eps") or torch.finfo(x.dtype).eps
-    inv = torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    inv = engine.coefficient(lambda: torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps))
     weight = _arg(args, kwargs, 2, "weight")
     out = engine.parts(args[0]) * inv
     return out * weight if weight is not None else out
@@ -235,7 +236,8 @@ def max_pool(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any)
         with torch._C.DisableTorchFunctionSubclass():
             return func(value, *args[1:indices_at], **call_kwargs, return_indices=True)[1]
 
-    index = engine.coefficient(winners)
+    out_total = total[0] if isinstance(total, tuple) else total
+    index = engine.coefficient(winners, like=out_total)
     parts = engine.parts(x)
     flat_index = index.flatten(-dims)
     picked = parts.flatten(-dims).gather(-1, flat_index.unsqueeze(0).expand(parts.shape[0], *flat_index.shape))
@@ -270,13 +272,14 @@ def reduce_select(engine: Any, func: Callable, args: tuple, kwargs: dict, total:
         dims = tuple(d % value.dim() for d in dims)
         moved = value.movedim(dims, tuple(range(-len(dims), 0))).flatten(-len(dims))
         pmoved = parts.movedim(tuple(d + 1 for d in dims), tuple(range(-len(dims), 0))).flatten(-len(dims))
-        pick = engine.coefficient(lambda: moved.argmax(-1) if "max" in name else moved.argmin(-1))
+        pick = engine.coefficient(lambda: moved.argmax(-1) if "max" in name else moved.argmin(-1),
+                                  like=moved.select(-1, 0))
         out = pmoved.gather(-1, pick.unsqueeze(0).unsqueeze(-1).expand(parts.shape[0], *pick.shape, 1)).squeeze(-1)
         if keepdim:
             for d in sorted(dims):
                 out = out.unsqueeze(d + 1)
         return out
-    index = engine.coefficient(lambda: total[1])
+    index = engine.coefficient(lambda: total[1], like=total[1])
     dim = _arg(args, kwargs, 2 if name in ("topk", "kthvalue") else 1, "dim", -1)
     dim = (dim if dim is not None else -1) % value.dim()
     keepdim = _arg(args, kwargs, 2, "keepdim", False) if name in ("max", "min", "median", "mode") else True

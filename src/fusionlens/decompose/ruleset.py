@@ -23,7 +23,7 @@ upsample_bilinear avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_
 pixel_shuffle pixel_unshuffle unfold fold masked_select conj resolve_conj resolve_neg
 """
 _AFFINE_OPS = """
-add __add__ __radd__ sub subtract __sub__ __rsub__ rsub cat concat concatenate stack hstack vstack dstack
+add __add__ __radd__ sub subtract __sub__ __rsub__ rsub stack hstack vstack dstack
 where masked_fill index_put index_add index_copy scatter scatter_add masked_scatter pad constant_pad_nd
 _setitem_out _copy_out lerp
 """
@@ -56,6 +56,7 @@ def _table() -> dict[str, Callable]:
         "conv1d": lin.convolution, "conv2d": lin.convolution, "conv3d": lin.convolution,
         "conv_transpose1d": lin.convolution, "conv_transpose2d": lin.convolution,
         "conv_transpose3d": lin.convolution, "linear": lin.dense,
+        "cat": lin.concatenate, "concat": lin.concatenate, "concatenate": lin.concatenate,
         "div": lin.divide, "divide": lin.divide, "true_divide": lin.divide, "__truediv__": lin.divide,
         "__div__": lin.divide,
         "batch_norm": nl.batch_norm, "instance_norm": nl.instance_norm, "layer_norm": nl.layer_norm,
