@@ -23,7 +23,7 @@ from decompose_zoo import (
     resnet_camera,
 )
 from fusionlens import decompose
-from fusionlens.decompose import PRESETS
+from fusionlens.decompose import PRESETS, UnsupportedOperationError
 
 FLOAT32_REL, FLOAT64_ABS = 1e-5, 1e-12
 
@@ -248,3 +248,61 @@ def test_coefficients_replay_errors_and_copies():
     tape = decompose(MixesSamples().eval(), one, record_coefficients=True).coefficients
     with pytest.raises(RuntimeError, match="does not broadcast"):
         decompose(MixesSamples().eval(), two, coefficients=tape)
+
+
+@pytest.mark.parametrize("case", sorted(_batch_cases()))
+def test_replay_without_the_output_gives_the_same_components(case):
+    """``with_output=False`` follows only the shapes of the operating point (meta tensors): the modality
+    components of the frozen system are those of a replay with the output, bit for bit, on one sample and on a
+    batch; there is no output and no bias."""
+    model, make, kwargs = _batch_cases()[case]
+    clean = decompose(model, make(1), record_coefficients=True, **kwargs)
+    for inputs in (make(1), make(3)):
+        full = decompose(model, inputs, coefficients=clean.coefficients, **kwargs)
+        lite = decompose(model, inputs, coefficients=clean.coefficients, with_output=False, **kwargs)
+        assert lite.output is None and lite.names == full.names[:-1] and set(lite.components) == set(lite.names)
+        for name in lite.names:
+            for a, b in zip(tree_flatten(lite.components[name])[0], tree_flatten(full.components[name])[0]):
+                assert torch.equal(a, b)
+
+
+class ValueDependentFusion(nn.Module):
+    """Fused-part code that needs more than shapes: a boolean-mask index (a constant mask: the op runs for real on
+    zeros for its shape), tensors made on the input's device, and optionally a value read into Python."""
+
+    def __init__(self, read: bool = False) -> None:
+        super().__init__()
+        self.read = read
+        self.fuse = nn.Linear(5, 6)
+
+    def forward(self, camera, radar):
+        x = torch.relu(self.fuse(torch.cat([camera, radar], -1)))
+        if self.read and x.sum().item() > 0:
+            x = 2 * x
+        ramp = torch.arange(x.shape[-1], device=x.device, dtype=x.dtype)
+        return (x * ramp)[x > 0.05].sum() + x.mean()
+
+
+def test_replay_without_the_output_handles_value_dependent_shapes_and_refuses_value_reads():
+    g = torch.Generator().manual_seed(2)
+    clean_inputs = {"camera": torch.randn(1, 3, generator=g), "radar": torch.randn(1, 2, generator=g)}
+    other = {"camera": torch.randn(1, 3, generator=g), "radar": torch.randn(1, 2, generator=g)}
+    model = ValueDependentFusion().eval()
+    clean = decompose(model, clean_inputs, record_coefficients=True, layers=["fuse"])
+    full = decompose(model, other, coefficients=clean.coefficients, layers=["fuse"])
+    lite = decompose(model, other, coefficients=clean.coefficients, with_output=False, layers=["fuse"])
+    for name in lite.names:
+        torch.testing.assert_close(lite.components[name], full.components[name], rtol=0, atol=0)
+        torch.testing.assert_close(lite.layer("fuse")[name], full.layer("fuse")[name], rtol=0, atol=0)
+    assert "total" not in lite.layer("fuse")
+    with pytest.raises(ValueError, match="no output"):
+        lite.conservation_error()
+    reads = ValueDependentFusion(read=True).eval()
+    clean = decompose(reads, clean_inputs, record_coefficients=True)
+    with pytest.raises(UnsupportedOperationError, match="reads the values"):
+        decompose(reads, other, coefficients=clean.coefficients, with_output=False)
+    decompose(reads, other, coefficients=clean.coefficients)  # with the output it runs
+    for bad in ({}, {"coefficients": clean.coefficients, "record_coefficients": True},
+                {"coefficients": clean.coefficients, "rules": "naive"}):
+        with pytest.raises(ValueError, match="with_output=False"):
+            decompose(model, other, with_output=False, **bad)

@@ -7,6 +7,7 @@ original values, so the decomposition's total *is* the model's output; a rule on
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,13 @@ _PASSTHROUGH = frozenset({
     "get_device", "__array__", "requires_grad_", "retain_grad", "register_hook", "backward", "__reduce_ex__",
     "is_nonzero", "equal", "allclose", "has_names", "is_inference", "__dlpack__", "__contains__",
 })
+# Calls that read a tensor's values (not only its metadata): impossible when only shapes are followed.
+_READS_VALUES = frozenset({
+    "item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "__array__", "is_nonzero", "equal",
+    "allclose", "data_ptr", "untyped_storage", "__dlpack__", "__contains__",
+})
+# Properties that name the device: those of the real tensors when only shapes are followed (meta tensors).
+_DEVICE_PROPERTIES = frozenset({"device", "is_meta", "is_cpu", "is_cuda", "is_mps", "is_xpu"})
 # Tensor-valued properties that are linear maps of the tensor; every other property is metadata.
 _LINEAR_PROPERTIES = frozenset({"T", "mT", "H", "mH", "data", "real"})
 # In-place dunders and their out-of-place twins.
@@ -89,8 +97,14 @@ class Engine:
     """Holds the state of one decomposition: component names, rule set, bias mode, module path, captures."""
 
     def __init__(self, names: list[str], rules: Any, bias: str, replay: list[Any] | None = None,
-                 record: bool = False, batch: int | None = None) -> None:
+                 record: bool = False, batch: int | None = None, with_output: bool = True,
+                 device: torch.device | None = None) -> None:
         self.names = [*names, "bias"]
+        # Without the output (a replay whose operating point is not needed): every op after the modalities meet is
+        # run on meta tensors for its shapes only, and the rules compute the components on ``device``.
+        self.shapes_only = not with_output
+        self.device = device
+        self._probe = torch.empty(0, device=device) if device is not None else None
         # Coefficients of the linearization (slopes, norm statistics, pooling winners, attention weights), in call
         # order: recorded to freeze a decomposition at one operating point, replayed to evaluate the linearized
         # network at other inputs (the "frozen" perturbation metrics of appendix D.2).
@@ -139,8 +153,13 @@ class Engine:
 
     def at_zero(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """``func`` with every stream replaced by zeros: the op's constant term."""
-        a, kw = replace_streams((args, kwargs), lambda s: torch.zeros_like(s.fl_total()))
+        a, kw = replace_streams((args, kwargs), lambda s: self.zeros(s.fl_total().shape, s.fl_total()))
         return _call_plain(func, a, kw)
+
+    def zeros(self, shape: Any, like: torch.Tensor) -> torch.Tensor:
+        """Zeros of ``like``'s dtype on the device the components live on (``like`` may be a meta operating point)."""
+        device = self.device if like.is_meta and self.device is not None else like.device
+        return torch.zeros(tuple(shape), dtype=like.dtype, device=device)
 
     def coefficient(self, compute: Callable[[], Any], like: Any = None) -> Any:
         """An operating-point quantity: computed now (and recorded), or taken from the frozen tape. ``like``: what
@@ -185,6 +204,15 @@ class Engine:
     # -- dispatch ------------------------------------------------------------------------------------------------
     def dispatch(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         name = op_name(func)
+        if self.shapes_only and (name in _DEVICE_PROPERTIES or name in _READS_VALUES) and any(
+                s.fl_total().is_meta for s in streams_in((args, kwargs))):
+            if getattr(func, "__name__", "") == "__get__" and name in _DEVICE_PROPERTIES:
+                return getattr(self._probe, name)
+            if name in _READS_VALUES:
+                raise UnsupportedOperationError(
+                    f"'{name}' reads the values of a decomposed tensor in '{self.where()}', which a replay without "
+                    "the output (with_output=False) does not compute; replay with the output"
+                )
         if name in _PASSTHROUGH or (getattr(func, "__name__", "") == "__get__" and name not in _LINEAR_PROPERTIES):
             return _call_plain(func, args, kwargs)
         if name in _LINEAR_PROPERTIES and getattr(func, "__name__", "") == "__get__":
@@ -201,7 +229,7 @@ class Engine:
         if self.local_bias and len(owners) == 1 and None not in owners:
             owner = owners.pop()
             return _wrap(_call_plain(func, args, kwargs), lambda t: Stream.single(t, owner))
-        total = _call_plain(func, args, kwargs)
+        total = _call_shapes(func, args, kwargs, self.device) if self.shapes_only else _call_plain(func, args, kwargs)
         if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tree_flatten(total)[0]):
             return self._constant(total)  # comparisons, indices, int casts: constants at the operating point
         rule = self.rules.lookup(func, name)
@@ -252,7 +280,8 @@ class Engine:
             raise UnsupportedOperationError(
                 f"in-place '{name}' writes modality data into a parameter in {self.where()}"
             )
-        unwrap(target).copy_(result.fl_total())
+        if not result.fl_total().is_meta or unwrap(target).is_meta:  # (a meta operating point has no values)
+            unwrap(target).copy_(result.fl_total())
         if not isinstance(target, Stream):
             # A plain buffer received modality data in place (``canvas[idx] = features``): it becomes a stream
             # so the data stays tracked. Python allows the class change because Stream adds no slots.
@@ -264,6 +293,64 @@ class Engine:
 def _call_plain(func: Callable, args: tuple, kwargs: dict) -> Any:
     with torch._C.DisableTorchFunctionSubclass():
         return func(*unwrap(args), **unwrap(kwargs))
+
+
+# Meta outputs by op and argument metadata: a replay repeats the same ops on the same shapes (every partner,
+# every anchor), and some meta kernels are Python reference implementations. Bounded, least recent out first.
+_SHAPES: OrderedDict[Any, Any] = OrderedDict()
+_SHAPES_CAPACITY = 4096
+_HASHABLE = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def _shape_key(func: Callable, leaves: list[Any], spec: Any) -> Any:
+    """What a meta kernel sees of a call: the function, the argument structure, each tensor's shape, strides and
+    dtype, every other argument's value; ``None`` when an argument cannot be part of a key."""
+    key: list[Any] = [func, spec]
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            key.append((tuple(x.shape), x.stride(), x.dtype))
+        elif isinstance(x, _HASHABLE):
+            key.append((type(x), x))
+        else:
+            return None
+    try:
+        hash(tuple(key))
+    except TypeError:
+        return None
+    return tuple(key)
+
+
+def _call_shapes(func: Callable, args: tuple, kwargs: dict, device: torch.device | None) -> Any:
+    """The op's output as meta tensors (shapes and dtypes, nothing computed). An op whose output shape depends on
+    values (indexing by a boolean mask -- a constant, so known) runs for real with zeros for the decomposed
+    tensors."""
+    leaves, spec = tree_flatten((args, kwargs))
+    leaves = [_plain_leaf(x) for x in leaves]
+    key = _shape_key(func, leaves, spec)
+    if key is not None and key in _SHAPES:
+        _SHAPES.move_to_end(key)
+        return _SHAPES[key]
+    try:
+        meta_args, meta_kwargs = tree_unflatten([x.to("meta") if isinstance(x, torch.Tensor) else x for x in leaves],
+                                                spec)
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*meta_args, **meta_kwargs)
+    except (NotImplementedError, RuntimeError):
+        def zeros(s: Stream) -> Any:
+            total = s.fl_total()
+            return torch.zeros(total.shape, dtype=total.dtype, device=device) if total.is_meta else total
+
+        a, kw = replace_streams((args, kwargs), zeros)
+        return _call_plain(func, a, kw)
+    if key is not None:
+        _SHAPES[key] = out
+        while len(_SHAPES) > _SHAPES_CAPACITY:
+            _SHAPES.popitem(last=False)
+    return out
+
+
+def _plain_leaf(x: Any) -> Any:
+    return x.fl_total() if isinstance(x, Stream) else x
 
 
 def _wrap(out: Any, make: Callable[[torch.Tensor], Stream]) -> Any:

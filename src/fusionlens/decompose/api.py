@@ -36,9 +36,9 @@ class Decomposition:
     """Result of :func:`decompose`: ``output`` (the model's own output, same structure), ``components``
     (name -> same structure; modality names then ``"bias"``) and the captures of ``layers=``."""
 
-    output: Any
+    output: Any  # None for a replay with_output=False
     components: dict[str, Any]
-    names: list[str]
+    names: list[str]  # without "bias" for a replay with_output=False
     layers: dict[str, list[dict[str, torch.Tensor]]]
     coefficients: list[Any] | None = None  # the linearization's operating-point quantities, if recorded
 
@@ -55,6 +55,8 @@ class Decomposition:
 
     def conservation_error(self) -> ConservationError:
         """Max ``|sum of components - output|`` over every floating output tensor, and that over ``max|output|``."""
+        if self.output is None:
+            raise ValueError("a replay with with_output=False has no output and no bias component to conserve")
         outputs = tree_flatten(self.output)[0]
         worst, scale = 0.0, 0.0
         for i, out in enumerate(outputs):
@@ -78,6 +80,7 @@ def decompose(
     bias: str = "local",
     record_coefficients: bool = False,
     coefficients: list[Any] | None = None,
+    with_output: bool = True,
 ) -> Decomposition:
     """Split ``model``'s output into one component per modality plus a bias component that sum to the output.
 
@@ -107,11 +110,20 @@ def decompose(
             Coefficients recorded on one sample (inputs of batch size 1) replay on a batch of any size: each
             sample goes through that same linearization, exactly as if replayed alone, provided the model treats
             the samples of a batch independently (no cross-sample statistics or reductions).
+        with_output: ``False`` (with ``coefficients`` only): leave out the model's output at these inputs, and with
+            it the bias component (the output minus the modalities). The modality components -- those of the fixed
+            affine system, which the output does not enter -- are the same, for about the cost of the components
+            alone: after the modalities meet, the ops run on meta tensors for their shapes only. ``output`` is then
+            ``None``, ``names`` and ``components`` hold the modalities, layer captures have no ``"total"``. Model
+            code that reads a fused tensor's values (``.item()``, ``if x.sum() > 0`` on it) cannot run so.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if bias not in BIAS_MODES:
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
+    if not with_output and (coefficients is None or record_coefficients or rules == "naive"):
+        raise ValueError("with_output=False is for replaying recorded coefficients (coefficients=...), without "
+                         "recording and not with rules='naive'")
     modality_names, tensors, as_kwargs = _normalise_inputs(model, inputs, names, modality_mask)
     forward_kwargs = dict(forward_kwargs or {})
     wanted = list(layers or [])
@@ -130,7 +142,7 @@ def decompose(
         if ruleset is None:
             return _naive(call, modality_names, tensors, modality_mask)
         engine = Engine(modality_names, ruleset, bias, replay=coefficients, record=record_coefficients,
-                        batch=input_batch(tensors))
+                        batch=input_batch(tensors), with_output=with_output, device=tensors[0].device)
         streams = _wrap_inputs(engine, tensors, modality_mask, bias)
         captures: dict[str, list[dict[str, torch.Tensor]]] = {n: [] for n in wanted}
         handles = _attach_hooks(model, engine, captures)
@@ -140,6 +152,8 @@ def decompose(
         finally:
             for handle in handles:
                 handle.remove()
+    if engine.shapes_only:
+        return Decomposition(None, _split_modalities(engine, out), engine.names[:-1], captures)
     total, components = _split_output(engine, out)
     return Decomposition(total, components, engine.names, captures, engine.tape)
 
@@ -235,6 +249,8 @@ def _capture(engine: Engine, output: Any) -> dict[str, torch.Tensor]:
     leaf = next((x for x in tree_flatten(output)[0] if isinstance(x, torch.Tensor)), None)
     if leaf is None:
         return {}
+    if engine.shapes_only:
+        return {n: p.detach().clone() for n, p in zip(engine.names, _modality_parts(engine, leaf))}
     parts = engine.components(leaf)
     captured = {n: parts[i].detach().clone() for i, n in enumerate(engine.names)}
     captured["total"] = (leaf.fl_total() if isinstance(leaf, Stream) else leaf).detach().clone()
@@ -250,6 +266,21 @@ def _split_output(engine: Engine, out: Any) -> tuple[Any, dict[str, Any]]:
         for i, name in enumerate(engine.names)
     }
     return total, components
+
+
+def _modality_parts(engine: Engine, x: torch.Tensor) -> torch.Tensor:
+    """The ``(M, *shape)`` modality components of an output leaf (zeros for a constant one)."""
+    if isinstance(x, Stream):
+        return x.fl_parts(engine.num_modalities)
+    return x.new_zeros((engine.num_modalities, *x.shape))
+
+
+def _split_modalities(engine: Engine, out: Any) -> dict[str, Any]:
+    leaves, spec = tree_flatten(out)
+    split = [_modality_parts(engine, x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
+             for x in leaves]
+    return {name: tree_unflatten([x if parts is None else parts[i] for x, parts in zip(leaves, split)], spec)
+            for i, name in enumerate(engine.names[:-1])}
 
 
 def _naive(call: Any, names: list[str], tensors: list[torch.Tensor], mask: torch.Tensor | None) -> Decomposition:

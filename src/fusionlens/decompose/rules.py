@@ -66,7 +66,7 @@ def concatenate(engine: Any, func: Callable, args: tuple, kwargs: dict, total: A
             or any(not isinstance(t, torch.Tensor) or t.dim() != total.dim() for t in tensors)):
         return affine(engine, func, args, kwargs, total)
     dim %= total.dim()
-    parts = total.new_zeros((engine.num_modalities, *total.shape))
+    parts = engine.zeros((engine.num_modalities, *total.shape), total)
     spans, start = [], 0
     for t in tensors:
         stop = start + t.shape[dim]
@@ -124,7 +124,7 @@ def _blocked_convolution(engine: Any, func: Callable, x: Any, parts: torch.Tenso
     for k in range(engine.num_modalities):
         spans = [(a, b) for a, b, owner in blocks.spans if owner == k]
         if not spans:
-            out.append(torch.zeros_like(total))
+            out.append(engine.zeros(total.shape, total))
             continue
         if len(spans) == 1:
             (a, b), = spans

@@ -319,10 +319,10 @@ def scatter_reduce(engine: Any, func: Callable, args: tuple, kwargs: dict, total
     # a constant operand contributes to the bias only, i.e. nothing to the modality slices
     self_parts = engine.parts(target)
     if self_parts is None:
-        self_parts = torch.zeros((k, *total.shape), dtype=total.dtype, device=total.device)
+        self_parts = engine.zeros((k, *total.shape), total)
     src_parts = engine.parts(src)
     if src_parts is None:
-        src_parts = torch.zeros((k, *t_src.shape), dtype=total.dtype, device=total.device)
+        src_parts = engine.zeros((k, *t_src.shape), total)
     with torch._C.DisableTorchFunctionSubclass():
         out = torch.where(keep_self, self_parts, torch.zeros_like(self_parts))
         routed = torch.where(winner, src_parts, torch.zeros_like(src_parts))
