@@ -355,10 +355,16 @@ def summarise(out_dir: str | Path, fingerprint: Callable[[Path], str] | None = N
              "modality Y's map when X is perturbed (" + ", ".join(f"{v} = {k}" for k, v in LETTERS.items()) + ")."]
     if sep:
         c0 = sep[0]["result"]
-        shared = not any(c.get("per_seed_model") for c in sep)
+        # a seed is its own model only if no other seed of the pair used the same checkpoint
+        models = {(c["pair"], c["seed"]): c["checkpoint"] for c in sep}
+        by_pair: dict[str, set[str]] = {}
+        for (pair, _seed), ckpt in models.items():
+            by_pair.setdefault(pair, set()).add(ckpt)
+        counts = ", ".join(f"{pair} {len(ckpts)} of {sum(p == pair for p, _ in models)} seeds"
+                           for pair, ckpts in sorted(by_pair.items()))
         parts.append(f"N = {c0['n']}, pairing offsets k + {c0['stride']}·j, j = 1..{c0['count']}, "
-                     f"{len(c0['anchors'])} anchors per seed; seeds: "
-                     + ("one model per pair, seeds draw the anchors" if shared else "separately trained models") + ".")
+                     f"{len(c0['anchors'])} anchors per seed; trained models: {counts} (seeds sharing a model "
+                     "draw other anchors on it).")
     if stale:
         parts.append(f"({stale} cells measured on an earlier version of their checkpoint were left out.)")
     bn_rows = {f"lmd:{k}": v for k, v in BN_NORM.items()}
