@@ -55,7 +55,7 @@ def test_cells_resume_and_tables(checkpoints, tmp_path):
     table = (out / "results.md").read_text()
     assert "Table 1: linearization ablation" in table and "| LMD (ratio) | frozen | 2 |" in table
     assert "Rp/R 0.05" in table  # the paper's number alongside
-    assert "trained models: camera_radar 1 of 2 seeds" in table  # both seeds drew anchors on the one checkpoint
+    assert "trained models: camera_radar 1 for 2 seeds" in table  # both seeds drew anchors on the one checkpoint
     assert table == summarise(out) + "\n"
 
 

@@ -360,7 +360,7 @@ def summarise(out_dir: str | Path, fingerprint: Callable[[Path], str] | None = N
         by_pair: dict[str, set[str]] = {}
         for (pair, _seed), ckpt in models.items():
             by_pair.setdefault(pair, set()).add(ckpt)
-        counts = ", ".join(f"{pair} {len(ckpts)} of {sum(p == pair for p, _ in models)} seeds"
+        counts = ", ".join(f"{pair} {len(ckpts)} for {sum(p == pair for p, _ in models)} seeds"
                            for pair, ckpts in sorted(by_pair.items()))
         parts.append(f"N = {c0['n']}, pairing offsets k + {c0['stride']}·j, j = 1..{c0['count']}, "
                      f"{len(c0['anchors'])} anchors per seed; trained models: {counts} (seeds sharing a model "
