@@ -276,3 +276,32 @@ def test_rms_norm_scale_is_frozen_with_the_coefficients():
     assert swapped.conservation_error().relative <= 1e-6
     scale = torch.rsqrt((cam + rad).pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
     torch.testing.assert_close(clean.components["camera"], cam * scale * model.norm.weight)
+
+
+def test_stream_traversal_matches_pytree():
+    """The engine's walk over call arguments (plain tuples/lists/dicts directly, any other pytree node through
+    pytree) finds and replaces the same leaves as pytree."""
+    from collections import OrderedDict, deque, namedtuple
+
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    from fusionlens.decompose._stream import Stream, replace_streams, streams_in
+
+    pair = namedtuple("pair", "a b")
+    s1, s2, s3, s4 = (Stream.single(torch.full((2,), float(i)), 0) for i in range(4))
+    tree = (s1, [2, {"x": s2, "y": (None, "str")}], pair(s3, 1.5), deque([s4]), OrderedDict(z=torch.ones(1)),
+            torch.Size([2, 3]), slice(0, 2))
+    expected = [x for x in tree_flatten(tree)[0] if isinstance(x, Stream)]
+    assert [id(x) for x in streams_in(tree)] == [id(x) for x in expected] == [id(s) for s in (s1, s2, s3, s4)]
+    replaced = replace_streams(tree, lambda s: "S")
+    assert replaced == tree_map(lambda x: "S" if isinstance(x, Stream) else x, tree)
+    assert type(replaced[2]) is pair and type(replaced[3]) is deque and type(replaced[4]) is OrderedDict
+
+
+def test_input_check_rejects_inf_and_accepts_a_sum_that_overflows():
+    model = SumThen(torch.relu, 0.0)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        decompose(model, {"camera": torch.tensor([[math.inf, -math.inf]]), "radar": torch.ones(1, 2)})
+    big = torch.full((1, 2), 3e38)  # finite, though its sum is not
+    d = decompose(model, {"camera": big, "radar": -big})
+    assert torch.equal(d.output, torch.zeros(1, 2))

@@ -230,7 +230,8 @@ class Engine:
             owner = owners.pop()
             return _wrap(_call_plain(func, args, kwargs), lambda t: Stream.single(t, owner))
         total = _call_shapes(func, args, kwargs, self.device) if self.shapes_only else _call_plain(func, args, kwargs)
-        if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tree_flatten(total)[0]):
+        leaves = [total] if isinstance(total, torch.Tensor) else tree_flatten(total)[0]
+        if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves):
             return self._constant(total)  # comparisons, indices, int casts: constants at the operating point
         rule = self.rules.lookup(func, name)
         if rule is None:

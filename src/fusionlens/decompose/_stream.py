@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
 
 _ACTIVE: list[Any] = []  # stack of engines; the innermost one handles intercepted calls
 
@@ -98,19 +98,49 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
         return t.as_subclass(torch.Tensor)
 
 
-def unwrap(tree: Any) -> Any:
-    """Replace every :class:`Stream` in a nested structure by its plain operating-point tensor."""
-    leaves, spec = tree_flatten(tree)
-    return tree_unflatten([_plain(x) if isinstance(x, Stream) else x for x in leaves], spec)
-
-
-def streams_in(tree: Any) -> list[Stream]:
-    return [x for x in tree_flatten(tree)[0] if isinstance(x, Stream)]
+# The arguments of a torch call are nearly always tuples, lists and dicts of leaves: those are walked here
+# directly (the per-op cost of a decomposition); anything else pytree opens goes through pytree.
+def _is_other_node(x: Any) -> bool:
+    return isinstance(x, tuple | list | dict) or type(x) in SUPPORTED_NODES
 
 
 def replace_streams(tree: Any, fn: Callable[[Stream], Any]) -> Any:
-    leaves, spec = tree_flatten(tree)
-    return tree_unflatten([fn(x) if isinstance(x, Stream) else x for x in leaves], spec)
+    """``tree`` (a pytree) with every :class:`Stream` ``s`` replaced by ``fn(s)``."""
+    kind = type(tree)
+    if kind is tuple:
+        return tuple(replace_streams(x, fn) for x in tree)
+    if kind is list:
+        return [replace_streams(x, fn) for x in tree]
+    if kind is dict:
+        return {k: replace_streams(v, fn) for k, v in tree.items()}
+    if isinstance(tree, Stream):
+        return fn(tree)
+    if _is_other_node(tree):
+        leaves, spec = tree_flatten(tree)
+        return tree_unflatten([fn(x) if isinstance(x, Stream) else x for x in leaves], spec)
+    return tree
+
+
+def unwrap(tree: Any) -> Any:
+    """Replace every :class:`Stream` in a nested structure by its plain operating-point tensor."""
+    return replace_streams(tree, _plain)
+
+
+def streams_in(tree: Any, out: list[Stream] | None = None) -> list[Stream]:
+    """The :class:`Stream` leaves of ``tree``, in pytree order."""
+    out = [] if out is None else out
+    kind = type(tree)
+    if kind is tuple or kind is list:
+        for x in tree:
+            streams_in(x, out)
+    elif kind is dict:
+        for x in tree.values():
+            streams_in(x, out)
+    elif isinstance(tree, Stream):
+        out.append(tree)
+    elif _is_other_node(tree):
+        out.extend(x for x in tree_flatten(tree)[0] if isinstance(x, Stream))
+    return out
 
 
 class ActiveEngine:
