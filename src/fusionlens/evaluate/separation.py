@@ -18,12 +18,18 @@ at the fusion layer (``model.bev_features``) to ``model.decode`` -- exactly the 
 with ``bias="local"`` (every constant in a single-modality branch belongs to that modality), at a fraction of the
 cost, and the level where the zero/mean baselines of Shapley and the naive split are meaningful; ``"input"`` feeds
 the raw sensor tensors. Replacing a modality replaces its calibration / valid masks too.
+
+Cost: anchors are visited in runs k, k+s, k+2s, ... so that consecutive anchors share all partners but one (about
+one sample prepared per anchor), and a method may compute the ``count x M`` perturbed maps of an anchor together
+(``perturbed_many``): :class:`~.baselines.LMD` replays frozen coefficients once per partner for all perturbed
+modalities, batched and without the model's output. ``benchmarks/lmd_eval_speed.py`` times it against the loop of
+one decomposition per perturbed input.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -117,7 +123,12 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 class Method(Protocol):
     """An attribution method: per-modality maps (plus ``"bias"`` where it has one) of one output, for a clean
-    input (returning a state, e.g. frozen coefficients) and for perturbed inputs given that state."""
+    input (returning a state, e.g. frozen coefficients) and for perturbed inputs given that state.
+
+    A method may also define ``perturbed_many(subject, clean_x, partners, perturbed, state, clean_maps)``, returning
+    for every perturbed modality ``p`` the maps of ``subject.swap(clean_x, partner, p)`` for each partner, in order
+    -- the same maps as :meth:`perturbed` (the modalities' at least), computed together (:class:`~.baselines.LMD`
+    batches them); :func:`perturbation_metrics` then uses it."""
 
     name: str
 
@@ -224,21 +235,55 @@ class SampleCache:
         return x
 
 
+def _perturbed_maps(subject: Subject, method: Method, clean_x: Prepared, clean: dict[str, torch.Tensor], state: Any,
+                    partners: list[Prepared], perturbed: Sequence[str]) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """For every perturbed modality, the method's maps of the clean input with that modality taken from each partner
+    (``perturbed_many`` where the method has it, else one :meth:`Method.perturbed` call per input)."""
+    many = getattr(method, "perturbed_many", None)
+    if many is not None:
+        return many(subject, clean_x, partners, perturbed, state, clean)
+    out: dict[str, list[dict[str, torch.Tensor]]] = {p: [] for p in perturbed}
+    for partner in partners:
+        for p in perturbed:
+            out[p].append(method.perturbed(subject, subject.swap(clean_x, partner, p), state))
+    return out
+
+
 def _anchor_metrics(subject: Subject, method: Method, cache: SampleCache, k: int, offsets: list[int], n: int,
                     perturbed: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
     clean_x = cache[k]
     clean, state = method.clean(subject, clean_x)
+    partners = [cache[(k + off) % n] for off in offsets]
+    swapped = _perturbed_maps(subject, method, clean_x, clean, state, partners, perturbed)
     pccs: dict[str, list[float]] = {}
     mses: dict[str, list[float]] = {}
-    for off in offsets:
-        partner = cache[(k + off) % n]
+    for j in range(len(offsets)):
         for p in perturbed:
-            maps = method.perturbed(subject, subject.swap(clean_x, partner, p), state)
+            maps = swapped[p][j]
             for m in subject.modalities:
                 key = metric_key(p, m)
                 pccs.setdefault(key, []).append(pcc(clean[m], maps[m]))
                 mses.setdefault(key, []).append(mse(clean[m], maps[m]))
     return ({key: _nan_stats(v)[0] for key, v in pccs.items()}, {key: _nan_stats(v)[0] for key, v in mses.items()})
+
+
+def visiting_order(anchors: Sequence[int], n: int, step: int) -> list[int]:
+    """``anchors`` rearranged into runs ``k, k+step, k+2*step, ...`` (mod ``n``): each run starts at an anchor whose
+    predecessor ``k - step`` is not (or no longer) pending, and the runs come in the order of their first anchor."""
+    pending = Counter(anchors)
+    out: list[int] = []
+    for a in anchors:
+        if not pending[a]:
+            continue
+        start, walked = a, 0
+        while pending[(start - step) % n] and walked < n:  # back to the start of a's run (bounded on a cycle)
+            start, walked = (start - step) % n, walked + 1
+        k = start
+        while pending[k]:
+            out.append(k)
+            pending[k] -= 1
+            k = (k + step) % n
+    return out
 
 
 def perturbation_metrics(
@@ -260,8 +305,8 @@ def perturbation_metrics(
     Args:
         anchors: the samples ``k`` to evaluate (default all); partners are drawn from the whole dataset.
         perturbed: modalities to perturb (default all of the model's).
-        info: under torchrun, each rank evaluates every ``world_size``-th anchor and the per-anchor numbers are
-            gathered, so every rank returns exactly the single-process result.
+        info: under torchrun, each rank evaluates a share of the anchors and the per-anchor numbers are gathered,
+            so every rank returns exactly the single-process result.
     """
     n = len(dataset)  # type: ignore[arg-type]
     offsets = pairing_offsets(n, count, stride)
@@ -274,7 +319,13 @@ def perturbation_metrics(
     if bad or not anchors:
         raise ValueError(f"anchors must be non-empty indices in [0, {n}), got {bad or anchors}")
     info = info or DistInfo()
-    mine = anchors[info.rank::info.world_size]
+    s = n // (DEFAULT_COUNT + 1) if stride is None else stride
+    # Visit anchors k, k+s, k+2s, ...: consecutive anchors then share all partners but one, so a cache of count + 2
+    # samples prepares about one sample per anchor instead of count + 1. Each rank takes a contiguous share of that
+    # order; the rows are put back in the order of ``anchors`` below, so the result does not depend on either.
+    order = visiting_order(anchors, n, s)
+    share = -(-len(order) // info.world_size) if order else 0
+    mine = order[info.rank * share:(info.rank + 1) * share]
     if cache is None:
         cache = SampleCache(subject, dataset, capacity=len(offsets) + 2)
     elif cache.dataset is not dataset or cache.subject.model is not model or cache.subject.level != level:
@@ -284,8 +335,7 @@ def perturbation_metrics(
     for k in bar:
         rows.append((k, *_anchor_metrics(subject, method, cache, k, offsets, n, perturbed)))
     gathered = [row for part in all_gather_objects(info, rows) for row in part]
-    order = {a: i for i, a in enumerate(anchors)}
-    gathered.sort(key=lambda r: order[r[0]])
-    s = n // (DEFAULT_COUNT + 1) if stride is None else stride
+    position = {a: i for i, a in enumerate(anchors)}
+    gathered.sort(key=lambda r: position[r[0]])
     return SeparationResult(method.name, subject.modalities, tuple(perturbed), count, s, n,
                             [r[0] for r in gathered], [r[1] for r in gathered], [r[2] for r in gathered])
