@@ -304,12 +304,12 @@ _HASHABLE = (int, float, bool, str, type(None), torch.dtype, torch.device, torch
 
 
 def _shape_key(func: Callable, leaves: list[Any], spec: Any) -> Any:
-    """What a meta kernel sees of a call: the function, the argument structure, each tensor's shape, strides and
-    dtype, every other argument's value; ``None`` when an argument cannot be part of a key."""
+    """What a meta kernel sees of a call: the function, the argument structure, each tensor's shape, strides,
+    storage offset and dtype, every other argument's value; ``None`` when an argument cannot be part of a key."""
     key: list[Any] = [func, spec]
     for x in leaves:
         if isinstance(x, torch.Tensor):
-            key.append((tuple(x.shape), x.stride(), x.dtype))
+            key.append((tuple(x.shape), x.stride(), x.storage_offset(), x.dtype, x.layout))
         elif isinstance(x, _HASHABLE):
             key.append((type(x), x))
         else:
