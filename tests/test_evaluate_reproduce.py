@@ -139,3 +139,13 @@ def test_each_checkpoint_is_read_once_per_run(tmp_path, monkeypatch):
     for key in cells:  # the measured cells come out as before
         assert {k: v for k, v in again[key].items() if k != "seconds"} == \
             {k: v for k, v in cells[key].items() if k != "seconds"}, key
+
+
+def test_modes_flag_selects_the_cells(checkpoints, tmp_path):
+    out = tmp_path / "lmd"
+    args = [a if a != "naive,lmd:paper" else "lmd:paper" for a in ARGS]
+    assert main(["reproduce", "lmd", "--out", str(out), "--checkpoints", str(checkpoints), "--modes", "frozen",
+                 *args]) == 0
+    assert sorted(_cells(out)) == [f"cells/camera_radar/seed{s}/lmd-paper__frozen.json" for s in (0, 1)]
+    assert main(["reproduce", "lmd", "--out", str(out), "--checkpoints", str(checkpoints), "--modes", "sideways",
+                 *args]) == 2

@@ -117,6 +117,8 @@ def run_lmd(args: argparse.Namespace) -> int:
         cfg.methods = args.methods
     if args.attribution_methods is not None:
         cfg.attribution_methods = args.attribution_methods
+    if args.modes:
+        cfg.modes = args.modes
     for item in args.pair_methods:
         pair, sep, methods = item.partition("=")
         if not sep or not methods:
@@ -212,6 +214,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     lmd.add_argument("--attribution-methods", type=lambda t: tuple(v for v in t.split(",") if v), default=None)
     lmd.add_argument("--seeds", type=_ints, default=(0, 1, 2))
+    lmd.add_argument("--modes", type=lambda t: tuple(v for v in t.split(",") if v), default=None,
+                     help="frozen,recomputed (default both)")
     lmd.add_argument("--val-size", type=int, default=128, help="N of the pairing k + s*j mod N")
     lmd.add_argument("--data", choices=("builtin", "synthetic"), default="builtin")
     lmd.add_argument("--anchors", type=int, default=6, help="anchor samples per seed")
