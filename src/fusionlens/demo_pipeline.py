@@ -101,7 +101,9 @@ def step_report(ctx: dict[str, Any]) -> None:
     for method, report in ctx.get("pruned", {}).items():
         lines.append(f"| {method} | {before:.3f} | {report.get('iou_after', float('nan')):.3f} | "
                      f"{report.get('scoring_backward_passes', '-')} | {report.get('output', '')} |")
-    lines += ["", "## World samples", ""]
+    lines += ["", "AlterMOMA runs with the paper's alpha = beta = 1; in the reproduction grid on the built-in world it "
+              "falls below SNIP and ProsPr, for reasons measured in benchmarks/RESULTS.md (issue 6).", "",
+              "## World samples", ""]
     lines += [f"![{png.stem}](world/{png.name})" for png in sorted((out / "world").glob("*.png"))]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     print(f"  report: {(out / 'report.md').resolve()}")
