@@ -21,6 +21,11 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in _floats(text))
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """Comma-separated names; an empty text gives no names."""
+    return tuple(v for v in text.split(",") if v)
+
+
 def _strs(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(";") if v.strip())
 
@@ -212,9 +217,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PAIR=M1,M2",
         help="methods for one pair instead of --methods (repeatable)",
     )
-    lmd.add_argument("--attribution-methods", type=lambda t: tuple(v for v in t.split(",") if v), default=None)
+    lmd.add_argument("--attribution-methods", type=_names, default=None)
     lmd.add_argument("--seeds", type=_ints, default=(0, 1, 2))
-    lmd.add_argument("--modes", type=lambda t: tuple(v for v in t.split(",") if v), default=None,
+    lmd.add_argument("--modes", type=_names, default=None,
                      help="frozen,recomputed (default both)")
     lmd.add_argument("--val-size", type=int, default=128, help="N of the pairing k + s*j mod N")
     lmd.add_argument("--data", choices=("builtin", "synthetic"), default="builtin")
