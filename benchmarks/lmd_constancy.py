@@ -23,7 +23,7 @@ import torch
 
 from fusionlens.data.collate import collate_samples
 from fusionlens.evaluate.baselines import LMD
-from fusionlens.evaluate.separation import Subject, pairing_offsets, pcc
+from fusionlens.evaluate.separation import pairing_offsets, pcc
 from fusionlens.train.checkpoint import load_model
 from fusionlens.train.data import open_dataset
 
@@ -32,7 +32,7 @@ def maps_per_scene(checkpoint: str, samples: int, rules: str, val_size: int) -> 
     """Per scene: every LMD component's seg-logit map, the fused output and the ground-truth vehicle map."""
     model, _ = load_model(checkpoint)
     data = open_dataset("builtin", "val", size=val_size, seed=0, progress=False)
-    subject, method = Subject(model), LMD(rules, mode="recomputed")
+    subject, method = model.describe().subject(), LMD(rules, mode="recomputed")
     out: dict[str, list[torch.Tensor]] = {}
     for k in range(samples):
         batch = collate_samples([data[k]])

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from fusionlens.evaluate.baselines import LMD, pick, run_forward
+from fusionlens.evaluate.baselines import LMD, pick
 from fusionlens.evaluate.separation import (
     DEFAULT_COUNT,
     SampleCache,
@@ -141,7 +141,7 @@ def main() -> None:
     model, _ = load_model(args.checkpoint)
     data = open_dataset("builtin", "val", size=args.val_size, seed=0, progress=False)
     n = len(data)
-    subject = Subject(model, "fusion")
+    subject = model.describe().subject("fusion")
     offsets = pairing_offsets(n, DEFAULT_COUNT)
     stride = n // (DEFAULT_COUNT + 1)
     anchors = list(range(args.anchors))
@@ -158,7 +158,7 @@ def main() -> None:
     swapped = subject.swap(x, y, subject.modalities[-1])
     single: dict[str, list[float]] = {}
     for _ in range(3):
-        for label, run in (("forward", lambda: run_forward(subject, swapped)),
+        for label, run in (("forward", lambda: subject.forward(swapped)),
                            ("decompose (old engine)", lambda: old_decompose(subject.module, swapped.inputs)),
                            ("decompose (new engine)", lambda: LMD("paper", "recomputed").perturbed(subject, swapped,
                                                                                                  None))):

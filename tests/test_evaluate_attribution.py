@@ -22,7 +22,6 @@ from fusionlens.evaluate.attribution import (
     summarise_attribution,
 )
 from fusionlens.evaluate.baselines import LMD
-from fusionlens.evaluate.separation import Subject
 from fusionlens.models import build_model, preset_config
 from fusionlens.train.synthetic import TEST_GRID, SyntheticDataset
 
@@ -87,12 +86,12 @@ def test_scores_are_the_decomposition_over_object_cells():
     rows = attribute_objects(model, data, LMD("paper", "recomputed"), progress=False)
     assert rows and all(r.sensor == "radar" for r in rows)
     r = rows[0]
-    subject = Subject(model)
+    subject = model.describe().subject()
     x = subject.prepare(collate_samples([data[r.sample]]))
     d = decompose(subject.module, x.inputs)
     mask = object_cells(data[r.sample])[r.box]
     for m in ("camera", "radar"):
-        assert r.scores[m] == pytest.approx(float(d.components[m]["seg"][0, 0][mask].sum()), rel=1e-5)
+        assert r.scores[m] == pytest.approx(float(d.components[m][0, 0][mask].sum()), rel=1e-5)
 
 
 def test_a_blind_modality_gets_no_credit():
@@ -113,7 +112,7 @@ def test_contrast_scores_subtract_the_reference_map_over_the_object_cells():
     plain = attribute_objects(model, data, method, progress=False)
     ref = mean_component_maps(model, data, method, indices=[0, 1])
     # the mean over two scenes, worked out from the two decompositions themselves
-    subject = Subject(model)
+    subject = model.describe().subject()
     maps = [method.clean(subject, subject.prepare(collate_samples([data[i]])))[0] for i in (0, 1)]
     assert torch.allclose(ref["radar"], (maps[0]["radar"] + maps[1]["radar"]) / 2, atol=1e-6)
     contrast = attribute_objects(model, data, method, reference=ref, progress=False)

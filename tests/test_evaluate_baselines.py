@@ -16,11 +16,9 @@ from fusionlens.evaluate.baselines import (
     exact_shapley,
     feature_means,
     make_method,
-    pick,
-    run_forward,
 )
-from fusionlens.evaluate.separation import Prepared, Subject
 from fusionlens.models import build_model, preset_config
+from fusionlens.spec import Prepared
 from fusionlens.train.synthetic import TEST_GRID, SyntheticDataset
 
 torch.set_num_threads(1)
@@ -32,12 +30,12 @@ def setup():
     torch.manual_seed(0)
     model = build_model(preset_config("tiny", "camera,radar", **SMALL)).eval()
     data = SyntheticDataset(6, seed=3)
-    subject = Subject(model)
+    subject = model.describe().subject()
     return model, data, subject, subject.prepare(collate_samples([data[1]]))
 
 
 def _seg(subject, inputs):
-    return pick(run_forward(subject, Prepared(inputs)), "seg")
+    return subject.forward(Prepared(inputs))
 
 
 def test_exact_shapley_hand_games():
@@ -83,7 +81,7 @@ def test_lmd_shap_reduces_to_lmd_components(setup):
     diff = {m: x.inputs[m] - means[m] for m in x.inputs}
     frozen = decompose(subject.module, diff, coefficients=coefficients)
     for name in ("camera", "radar"):
-        torch.testing.assert_close(shap_mean[name], frozen.components[name]["seg"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(shap_mean[name], frozen.components[name], atol=1e-5, rtol=0)
 
 
 def test_no_linearization_baseline_row(setup):
@@ -134,5 +132,5 @@ def test_bad_settings():
         make_method("lmd:bn-magic")
     model = build_model(preset_config("tiny", "radar,lidar", **SMALL))
     with pytest.raises(ValueError, match="level='fusion'"):
-        feature_means(Subject(model, "input"), SyntheticDataset(2))
+        feature_means(model.describe().subject("input"), SyntheticDataset(2))
     assert make_method("lmd:sum-splitting", mode="recomputed").name == "lmd[sum-splitting]/recomputed"

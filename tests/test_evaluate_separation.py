@@ -61,16 +61,16 @@ def test_fusion_level_equals_full_model_decomposition():
     batch = collate_samples([data[0]])
     inputs, kwargs = batch_to_inputs(model, batch)
     full = decompose(model, inputs, forward_kwargs=kwargs)
-    subject = Subject(model, "fusion")
+    subject = model.describe().subject("fusion")
     x = subject.prepare(batch)
     fused = decompose(subject.module, x.inputs, forward_kwargs=x.kwargs)
     for name in full.names:
-        torch.testing.assert_close(fused.components[name]["seg"], full.components[name]["seg"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(fused.components[name], full.components[name]["seg"], rtol=0, atol=1e-6)
 
 
 def test_swap_replaces_calibration_and_valid_masks():
     model, data = tiny(), SyntheticDataset(4, seed=0)
-    subject = Subject(model, "input")
+    subject = model.describe().subject("input")
     clean = subject.prepare(collate_samples([data[0]]))
     other = subject.prepare(collate_samples([data[3]]))
     other.kwargs["intrinsics"] = other.kwargs["intrinsics"] * 2  # make the calibrations distinguishable
@@ -100,14 +100,14 @@ def test_frozen_mode_keeps_the_unperturbed_modality_exactly():
 def test_recomputed_metrics_match_a_hand_computed_anchor():
     model, data = tiny(), SyntheticDataset(13, seed=2)
     res = perturbation_metrics(model, data, LMD("paper", "recomputed"), count=2, anchors=[3], progress=False)
-    subject = Subject(model)
+    subject = model.describe().subject()
     prep = [subject.prepare(collate_samples([data[i]])) for i in range(13)]
 
-    clean = decompose(subject.module, prep[3].inputs).components["camera"]["seg"]
+    clean = decompose(subject.module, prep[3].inputs).components["camera"]
     expected_pcc, expected_mse = [], []
     for partner in (4, 5):  # stride 13 // 13 = 1: partners 3 + 1, 3 + 2
         swapped = {**prep[3].inputs, "radar": prep[partner].inputs["radar"]}
-        a, b = clean, decompose(subject.module, swapped).components["camera"]["seg"]
+        a, b = clean, decompose(subject.module, swapped).components["camera"]
         expected_pcc.append(pcc(a, b))
         expected_mse.append(mse(a, b))
     assert res.pcc[0]["Rp/C"] == pytest.approx(sum(expected_pcc) / 2, rel=1e-9)
@@ -124,7 +124,7 @@ def test_bad_input_is_rejected_before_work():
     with pytest.raises(ValueError, match="at least 13"):
         perturbation_metrics(model, SyntheticDataset(5), method, progress=False)
     with pytest.raises(ValueError, match="level"):
-        Subject(model, "pixels")
+        model.describe().subject("pixels")
     with pytest.raises(ValueError, match="naive"):
         LMD("naive", "frozen")
 
@@ -180,7 +180,7 @@ def test_batched_path_for_other_rules(rules):
 
 def test_batched_decompositions_conserve_and_match_single_ones():
     model, data = tiny(), SyntheticDataset(4, seed=5)
-    subject = Subject(model)
+    subject = model.describe().subject()
     xs = [subject.prepare(collate_samples([data[i]])) for i in range(3)]
     joined = concat_prepared(xs)
     together = decompose(subject.module, joined.inputs)
@@ -191,9 +191,9 @@ def test_batched_decompositions_conserve_and_match_single_ones():
     for i, x in enumerate(xs):
         alone = decompose(subject.module, x.inputs)
         for name in alone.names:
-            torch.testing.assert_close(together.components[name]["seg"][i:i + 1], alone.components[name]["seg"],
+            torch.testing.assert_close(together.components[name][i:i + 1], alone.components[name],
                                        rtol=1e-5, atol=1e-5)
-    raw = Subject(model, "input")
+    raw = model.describe().subject("input")
     a, b = (raw.prepare(collate_samples([data[i]])) for i in (0, 1))
     if a.inputs["radar"].shape != b.inputs["radar"].shape:
         assert concat_prepared([a, b]) is None  # point clouds of different sizes: decomposed one by one

@@ -31,11 +31,11 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from fusionlens.data.collate import collate_samples
-from fusionlens.data.labels import box_footprint_mask, vehicle_mask
+from fusionlens.data.labels import vehicle_mask
 from fusionlens.data.sample import Sample
-from fusionlens.evaluate.baselines import pick, run_forward
-from fusionlens.evaluate.separation import Method, Subject
+from fusionlens.evaluate.regions import attribute_regions, box_masks
+from fusionlens.evaluate.separation import Method
+from fusionlens.spec import as_spec
 from fusionlens.train.distributed import DistInfo, all_gather_objects
 
 
@@ -71,10 +71,7 @@ def single_sensor_objects(sample: Sample, modalities: Sequence[str],
 
 def object_cells(sample: Sample) -> torch.Tensor:
     """``(Nb, X, Y)`` bool: the BEV cells whose centre lies in each box's footprint."""
-    grid = sample.grid
-    xs, ys = grid.cell_centres(0), grid.cell_centres(1)
-    centres = torch.stack(torch.meshgrid(xs, ys, indexing="ij"), dim=-1).reshape(-1, 2)
-    return box_footprint_mask(sample.boxes, centres).reshape(-1, len(xs), len(ys))
+    return box_masks(sample.boxes, sample.grid)
 
 
 @dataclass
@@ -104,51 +101,53 @@ def _checked_indices(dataset: Dataset, indices: Sequence[int] | None) -> list[in
 
 
 def mean_component_maps(model: Any, dataset: Dataset, method: Method, *, indices: Sequence[int] | None = None,
-                        level: str = "fusion") -> dict[str, torch.Tensor]:
-    """Each component's map averaged over the scenes ``indices`` (the ``reference`` of a contrast attribution)."""
-    subject = Subject(model, level)
+                        level: str | None = None) -> dict[str, torch.Tensor]:
+    """Each component's map averaged over the scenes ``indices`` (the ``reference`` of a contrast attribution);
+    ``model`` is a :class:`~fusionlens.spec.ModelSpec` or a model that describes itself."""
+    spec = as_spec(model)
+    subject = spec.subject(level)
     indices = _checked_indices(dataset, indices)
     if not indices:
         raise ValueError("mean_component_maps needs at least one scene")
     total: dict[str, torch.Tensor] = {}
     for idx in indices:
-        maps, _ = method.clean(subject, subject.prepare(collate_samples([dataset[idx]])))
+        maps, _ = method.clean(subject, subject.prepare(spec.batch(dataset, [idx])))
         for m in subject.modalities:
             total[m] = total.get(m, 0) + maps[m].detach().double()
     return {m: (t / len(indices)).to(torch.float32) for m, t in total.items()}
 
 
 def attribute_objects(model: Any, dataset: Dataset, method: Method, *, indices: Sequence[int] | None = None,
-                      level: str = "fusion", visibility: Visibility = Visibility(), output: str = "seg",
+                      level: str | None = None, visibility: Visibility = Visibility(),
                       reference: dict[str, torch.Tensor] | None = None,
                       info: DistInfo | None = None, progress: bool = True) -> list[ObjectAttribution]:
-    """Attributions of every single-sensor vehicle in ``dataset`` (sharded over ranks under torchrun);
-    with ``reference`` maps (:func:`mean_component_maps`) the scores are contrasts ``sum(S_m - R_m)``."""
-    subject = Subject(model, level)
+    """Attributions of every single-sensor vehicle in ``dataset`` (a dataset of :class:`Sample` with visibility
+    truth; sharded over ranks under torchrun) through :func:`~.regions.attribute_regions`, each object's cells as
+    its region; with ``reference`` maps (:func:`mean_component_maps`) the scores are contrasts ``sum(S_m - R_m)``.
+    An object counts as detected when the probability (sigmoid of the studied logit) averages above 0.5 over its
+    cells."""
+    spec = as_spec(model)
+    modalities = spec.subject(level).modalities if spec.modalities else None
     indices = _checked_indices(dataset, indices)
-    if reference is not None:
-        missing = [m for m in subject.modalities if m not in reference]
-        if missing:
-            raise ValueError(f"reference maps lack modalities {missing}")
     info = info or DistInfo()
     rows: list[ObjectAttribution] = []
     for idx in tqdm(indices[info.rank::info.world_size], desc=f"attribution {method.name}",
                     disable=not progress or not info.is_main, leave=False):
         sample = dataset[idx]
-        objects = single_sensor_objects(sample, subject.modalities, visibility)
+        batch = spec.collate([sample])
+        if modalities is None:
+            spec.ensure_checked(batch)
+            modalities = spec.modalities
+        objects = single_sensor_objects(sample, modalities, visibility)
         if not objects:
             continue
-        x = subject.prepare(collate_samples([sample]))
-        maps, _ = method.clean(subject, x)
-        prob = torch.sigmoid(pick(run_forward(subject, x), output)[0, 0])
-        cells = object_cells(sample)
-        for box, sensor in objects:
-            mask = cells[box]
-            if not mask.any():
-                continue
-            scores = {m: float((maps[m][0, 0] if reference is None else maps[m][0, 0] - reference[m][0, 0])[mask].sum())
-                      for m in subject.modalities}
-            rows.append(ObjectAttribution(idx, box, sensor, bool(prob[mask].mean() > 0.5), scores))
+        cells = object_cells(sample)[[box for box, _ in objects]]
+        found = attribute_regions(spec, batch, [cells], method=method, level=level,
+                                  seen_by=[[[sensor] for _, sensor in objects]], reference=reference,
+                                  activation=torch.sigmoid)
+        for row in found:
+            box, sensor = objects[row.region]
+            rows.append(ObjectAttribution(idx, box, sensor, row.value > 0.5, row.scores))
     gathered = [r for part in all_gather_objects(info, rows) for r in part]
     order = {i: k for k, i in enumerate(indices)}
     return sorted(gathered, key=lambda r: (order[r.sample], r.box))

@@ -31,16 +31,16 @@ import torch
 from torch.utils.data import Dataset
 
 from fusionlens import decompose
-from fusionlens.data.collate import collate_samples
 from fusionlens.decompose import PRESETS, LinearizationSettings, UnsupportedOperationError
-from fusionlens.evaluate.separation import Prepared, Subject, eval_mode
+from fusionlens.spec import Prepared, Subject
 
 BASELINES = ("zero", "mean")
 MODES = ("frozen", "recomputed")
 
 
-def pick(out: Any, output: str) -> torch.Tensor:
-    """Leaf ``output`` of a model output (dict) or the tensor itself."""
+def pick(out: Any, output: str | None) -> torch.Tensor:
+    """Leaf ``output`` of a model output (dict) or the tensor itself (a subject's module returns the studied
+    tensor already)."""
     if isinstance(out, Mapping):
         if output not in out:
             raise ValueError(f"output {output!r} not in the model's outputs {list(out)}")
@@ -48,12 +48,6 @@ def pick(out: Any, output: str) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     raise ValueError(f"cannot pick output {output!r} from a {type(out).__name__}")
-
-
-def run_forward(subject: Subject, x: Prepared) -> Any:
-    """The subject module's plain output for ``x`` (eval mode, no grad)."""
-    with torch.no_grad(), eval_mode(subject.module):
-        return subject.module(**x.inputs, **x.kwargs)
 
 
 def _shapley_weights(m: int) -> list[float]:
@@ -89,7 +83,7 @@ def feature_means(subject: Subject, dataset: Dataset, indices: list[int] | None 
         raise ValueError("feature_means: no samples")
     total: dict[str, torch.Tensor] = {}
     for i in indices:
-        x = subject.prepare(collate_samples([dataset[i]]))
+        x = subject.prepare(subject.spec.batch(dataset, [i]))
         for m, t in x.inputs.items():
             total[m] = total.get(m, 0) + t.double()
     return {m: (t / len(indices)).float() for m, t in total.items()}
@@ -254,7 +248,7 @@ class Shapley(_Baselined):
         self.name = f"shapley[{baseline}]"
 
     def attribute(self, subject: Subject, x: Prepared) -> dict[str, torch.Tensor]:
-        return exact_shapley(list(x.inputs), lambda s: pick(run_forward(subject, self.coalition(x, s)), self.output))
+        return exact_shapley(list(x.inputs), lambda s: pick(subject.forward(self.coalition(x, s)), self.output))
 
     def clean(self, subject: Subject, x: Prepared) -> tuple[dict[str, torch.Tensor], Any]:
         return self.attribute(subject, x), None
@@ -327,7 +321,7 @@ class Captum(_Baselined):
 
         def forward(gates: torch.Tensor) -> torch.Tensor:
             mixed = {m: base[m] + gates[0, i] * (x.inputs[m] - base[m]) for i, m in enumerate(names)}
-            out = pick(run_forward(subject, Prepared(mixed, x.kwargs)), self.output)
+            out = pick(subject.forward(Prepared(mixed, x.kwargs)), self.output)
             shape[:] = [out.shape]
             return out.reshape(-1)  # a fixed-size map: Captum's aggregate-output mode, one value per pixel
 

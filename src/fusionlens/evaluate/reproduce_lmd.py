@@ -32,7 +32,6 @@ from fusionlens.evaluate.baselines import feature_means, make_method
 from fusionlens.evaluate.separation import (
     LETTERS,
     SampleCache,
-    Subject,
     metric_key,
     pairing_offsets,
     perturbation_metrics,
@@ -214,7 +213,7 @@ class LMDRunner:
                 self._reads.drop_weights(keep={p for p, n in uses.items() if n})
                 anchors_n = self.cfg.anchors * (1 + self.cfg.count)
                 loaded[(pair, seed)] = (model, str(path), per_seed,
-                                        {"samples": SampleCache(Subject(model), data, capacity=anchors_n),
+                                        {"samples": SampleCache(model.describe().subject(), data, capacity=anchors_n),
                                          "sha1": read.sha1})
             model, ckpt, per_seed, cache = loaded[(pair, seed)]
             rng = random.Random(seed)
@@ -245,7 +244,8 @@ class LMDRunner:
     def _means(self, model: Any, data: Any, cache: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         if any(s.endswith("-mean") for s in (*self.cfg.methods, *self.cfg.attribution_methods)):
             if "means" not in cache:
-                cache["means"] = feature_means(Subject(model), data, list(range(min(32, self.cfg.val_size))))
+                subject = model.describe().subject()
+                cache["means"] = feature_means(subject, data, list(range(min(32, self.cfg.val_size))))
             return cache["means"]
         return None
 

@@ -13,11 +13,12 @@ Two modes for LMD-type methods (see :mod:`fusionlens.evaluate.baselines`):
   unperturbed modality's component cannot change, so ``Rp/C = Cp/R = 1`` by construction.
 * **recomputed** -- a full decomposition of the perturbed input: what a user actually gets.
 
-Methods see the model at a *level*: ``"fusion"`` (default for the reference models) feeds each modality's BEV map
-at the fusion layer (``model.bev_features``) to ``model.decode`` -- exactly the decomposition of the full model
-with ``bias="local"`` (every constant in a single-modality branch belongs to that modality), at a fraction of the
-cost, and the level where the zero/mean baselines of Shapley and the naive split are meaningful; ``"input"`` feeds
-the raw sensor tensors. Replacing a modality replaces its calibration / valid masks too.
+The model is described by a :class:`~fusionlens.spec.ModelSpec` and seen at a *level*: ``"fusion"`` (default where
+the spec names one) feeds each modality's features where the modalities meet -- exactly the decomposition of the
+full model with ``bias="local"`` (every constant in a single-modality branch belongs to that modality), at a fraction
+of the cost, and the level where the zero/mean baselines of Shapley and the naive split are meaningful; ``"input"``
+feeds the raw sensor tensors. Replacing a modality replaces the forward kwargs that travel with it (``travels``:
+calibration, valid masks).
 
 Cost: anchors are visited in runs k, k+s, k+2s, ... so that consecutive anchors share all partners but one (about
 one sample prepared per anchor), and a method may compute the ``count x M`` perturbed maps of an anchor together
@@ -30,9 +31,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -40,85 +40,11 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from fusionlens.data.collate import collate_samples
-from fusionlens.models.fusion import MODALITY_KWARGS, batch_to_inputs
+from fusionlens.spec import ModelSpec, Prepared, Subject, as_spec
 from fusionlens.train.distributed import DistInfo, all_gather_objects
 
-LEVELS = ("fusion", "input")
 LETTERS = {"camera": "C", "radar": "R", "lidar": "L"}
 DEFAULT_COUNT = 12  # appendix D.2: m = 1..12
-
-
-class DecodeView(nn.Module):
-    """``model.decode`` as a module whose keyword inputs are the modalities' BEV maps at the fusion layer."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.training = model.training  # decompose() switches both to eval mode and restores them
-
-    def forward(self, **bev: torch.Tensor) -> Any:
-        return self.model.decode(bev)
-
-
-@dataclass
-class Prepared:
-    """One sample as a method consumes it: modality tensors and the constant keyword arguments."""
-
-    inputs: dict[str, torch.Tensor]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-class Subject:
-    """A model seen at one level (``"fusion"`` or ``"input"``, module docstring): prepares samples, swaps a
-    modality for another sample's, and names the module that methods decompose or run."""
-
-    def __init__(self, model: nn.Module, level: str = "fusion") -> None:
-        if level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-        modalities = getattr(model, "modalities", None)
-        if modalities is None:
-            raise ValueError(f"{type(model).__name__} has no 'modalities' attribute (a fusionlens FusionModel?)")
-        if level == "fusion" and not (hasattr(model, "bev_features") and hasattr(model, "decode")):
-            raise ValueError("level='fusion' needs a model with bev_features() and decode(); use level='input'")
-        self.model, self.level = model, level
-        self.modalities: tuple[str, ...] = tuple(modalities)
-        self.module: nn.Module = DecodeView(model) if level == "fusion" else model
-
-    def check_modality(self, name: str, setting: str = "modality") -> None:
-        if name not in self.modalities:
-            raise ValueError(f"{setting} {name!r} is not a modality of the model ({list(self.modalities)})")
-
-    def prepare(self, batch: dict[str, Any]) -> Prepared:
-        """The batch's inputs at this subject's level."""
-        inputs, kwargs = batch_to_inputs(self.model, batch)
-        if self.level == "input":
-            return Prepared(inputs, kwargs)
-        with torch.no_grad(), eval_mode(self.model):
-            bev = self.model.bev_features(**inputs, **kwargs)
-        return Prepared({m: bev[m] for m in self.modalities}, {})
-
-    def swap(self, clean: Prepared, partner: Prepared, modality: str) -> Prepared:
-        """``clean`` with ``modality`` (and its calibration / valid mask) taken from ``partner``."""
-        self.check_modality(modality)
-        inputs = {**clean.inputs, modality: partner.inputs[modality]}
-        kwargs = dict(clean.kwargs)
-        for key in MODALITY_KWARGS.get(modality, ()):
-            if key in partner.kwargs:
-                kwargs[key] = partner.kwargs[key]
-        return Prepared(inputs, kwargs)
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Evaluation behaviour for the block; every submodule's training flag restored afterwards."""
-    flags = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 class Method(Protocol):
@@ -222,13 +148,14 @@ class SampleCache:
 
     def __init__(self, subject: Subject, dataset: Dataset, capacity: int) -> None:
         self.subject, self.dataset, self.capacity = subject, dataset, capacity
+        self.spec = subject.spec
         self.items: OrderedDict[int, Prepared] = OrderedDict()
 
     def __getitem__(self, index: int) -> Prepared:
         if index in self.items:
             self.items.move_to_end(index)
             return self.items[index]
-        x = self.subject.prepare(collate_samples([self.dataset[index]]))
+        x = self.subject.prepare(self.spec.batch(self.dataset, [index]))
         self.items[index] = x
         while len(self.items) > self.capacity:
             self.items.popitem(last=False)
@@ -287,7 +214,7 @@ def visiting_order(anchors: Sequence[int], n: int, step: int) -> list[int]:
 
 
 def perturbation_metrics(
-    model: nn.Module,
+    model: ModelSpec | nn.Module,
     dataset: Dataset,
     method: Method,
     *,
@@ -295,7 +222,7 @@ def perturbation_metrics(
     stride: int | None = None,
     anchors: Sequence[int] | None = None,
     perturbed: Sequence[str] | None = None,
-    level: str = "fusion",
+    level: str | None = None,
     info: DistInfo | None = None,
     progress: bool = True,
     cache: SampleCache | None = None,
@@ -303,6 +230,8 @@ def perturbation_metrics(
     """PCC/MSE of appendix D.2 for ``method`` over ``dataset`` (module docstring).
 
     Args:
+        model: a :class:`~fusionlens.spec.ModelSpec` (or a model that describes itself).
+        level: ``"fusion"`` or ``"input"``; default: the fusion level where the spec has one.
         anchors: the samples ``k`` to evaluate (default all); partners are drawn from the whole dataset.
         perturbed: modalities to perturb (default all of the model's).
         info: under torchrun, each rank evaluates a share of the anchors and the per-anchor numbers are gathered,
@@ -310,7 +239,8 @@ def perturbation_metrics(
     """
     n = len(dataset)  # type: ignore[arg-type]
     offsets = pairing_offsets(n, count, stride)
-    subject = Subject(model, level)
+    spec = as_spec(model)
+    subject = spec.subject(level)
     perturbed = list(subject.modalities if perturbed is None else perturbed)
     for p in perturbed:
         subject.check_modality(p, "perturbed modality")
@@ -328,7 +258,7 @@ def perturbation_metrics(
     mine = order[info.rank * share:(info.rank + 1) * share]
     if cache is None:
         cache = SampleCache(subject, dataset, capacity=len(offsets) + 2)
-    elif cache.dataset is not dataset or cache.subject.model is not model or cache.subject.level != level:
+    elif cache.dataset is not dataset or cache.subject.model is not spec.model or cache.subject.level != subject.level:
         raise ValueError("cache was made for another model, dataset or level")
     rows: list[tuple[int, dict[str, float], dict[str, float]]] = []
     bar = tqdm(mine, desc=f"separation {method.name}", disable=not progress or not info.is_main, leave=False)

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from fusionlens.data.collate import collate_samples
 from fusionlens.models.bev import BEVDecoder, FusionLayer, Head
 from fusionlens.models.camera import CameraEncoder, lift_to_bev
 from fusionlens.models.config import ModelConfig
 from fusionlens.models.registry import get_head, get_point_encoder
+from fusionlens.spec import ModelSpec
 
 # batch-dict key of each modality's tensor, and the forward kwargs (batch keys) each modality needs
 MODALITY_BATCH_KEY: dict[str, str] = {"camera": "images", "radar": "radar", "lidar": "lidar"}
@@ -149,6 +151,15 @@ class FusionModel(nn.Module):
                 raise ValueError(f"extra head {name!r} returns keys {clash} that another head already uses")
             out.update(extra)
         return out
+
+    def describe(self) -> ModelSpec:
+        """This model to the analyses (:class:`fusionlens.spec.ModelSpec`): the built-in batch dicts, the seg logit,
+        calibration / valid masks travelling with their modality, and the fusion layer's inputs as its fusion level."""
+        return ModelSpec(
+            self, inputs=lambda batch: batch_to_inputs(self, batch), output="seg",
+            travels={m: MODALITY_KWARGS[m] for m in self.modalities},
+            fusion=(lambda inputs, kwargs: self.bev_features(**inputs, **kwargs), self.decode),
+            collate=collate_samples, grid=self.config.grid, modalities=self.modalities)
 
     def forward(self, camera: torch.Tensor | None = None, radar: torch.Tensor | None = None,
                 lidar: torch.Tensor | None = None, *, intrinsics: torch.Tensor | None = None,
