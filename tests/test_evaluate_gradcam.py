@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from fusionlens.data.collate import collate_samples
-from fusionlens.evaluate.gradcam import layer_gradient, seg_grad_cam
-from fusionlens.models import batch_to_inputs, build_model, preset_config
+from fusionlens.evaluate.gradcam import seg_grad_cam
+from fusionlens.models import build_model, preset_config
+from fusionlens.spec import ModelSpec, SpecError
 from fusionlens.train.synthetic import TEST_GRID, SyntheticDataset
 
 torch.set_num_threads(1)
@@ -28,13 +29,17 @@ class ToyFusion(nn.Module):
         return {"seg": self.head(self.mix(torch.cat([camera, radar], 1)))}
 
 
+def toy_spec(model: nn.Module, output: str = "seg") -> ModelSpec:
+    return ModelSpec(model, inputs=lambda batch: (batch, {}), output=output)
+
+
 def test_hand_computed_modality_cams():
     torch.manual_seed(0)
     model = ToyFusion().eval()
     cam, rad = torch.randn(1, 2, 5, 6), torch.randn(1, 2, 5, 6)
     roi = torch.zeros(1, 1, 5, 6, dtype=torch.bool)
     roi[..., 1:3, 2:5] = True  # |R| = 6 of 30 pixels
-    cams = seg_grad_cam(model, {"camera": cam, "radar": rad}, None, "mix", roi)
+    cams = seg_grad_cam(toy_spec(model), {"camera": cam, "radar": rad}, "mix", roi)
     w = model.head.weight[:, :, 0, 0].reshape(3, 1, 1).detach()
     alpha = w * 6 / 30  # d(sum_R y)/dA^k_ij = w_k on R, 0 elsewhere; mean over the 30 pixels
     mix = model.mix.weight[:, :, 0, 0].detach()
@@ -49,10 +54,10 @@ def test_hand_computed_modality_cams():
 def test_reference_model_hooks_removed_and_flags_restored():
     torch.manual_seed(0)
     model = build_model(preset_config("tiny", "camera,radar", **SMALL)).train()
-    inputs, kwargs = batch_to_inputs(model, collate_samples([SyntheticDataset(1)[0]]))
+    batch = collate_samples([SyntheticDataset(1)[0]])
     before = {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
     with pytest.warns(UserWarning, match="training mode"):  # decompose evaluates in eval mode and says so
-        cams = seg_grad_cam(model, inputs, kwargs, "fusion")
+        cams = seg_grad_cam(model, batch, "fusion")
     assert {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()} == before
     assert all(m.training for m in model.modules())
     assert set(cams) == {"camera", "radar", "bias", "total"}
@@ -63,9 +68,9 @@ def test_reference_model_hooks_removed_and_flags_restored():
 
 def test_bad_layers():
     model = ToyFusion()
-    args = ({"camera": torch.randn(1, 2, 4, 4), "radar": torch.randn(1, 2, 4, 4)}, None)
-    with pytest.raises(ValueError, match="not found"):
-        seg_grad_cam(model, *args, "decoder.nope")
-    with pytest.raises(ValueError, match="not in the model's outputs"):
-        layer_gradient(model, *args, "mix", output="center")
+    batch = {"camera": torch.randn(1, 2, 4, 4), "radar": torch.randn(1, 2, 4, 4)}
+    with pytest.raises(ValueError, match="layer 'decoder.nope' not found in ToyFusion"):
+        seg_grad_cam(toy_spec(model), batch, "decoder.nope")
+    with pytest.raises(SpecError, match="output 'center' is not a key of the model's output"):
+        seg_grad_cam(toy_spec(model, "center"), batch, "mix")
     assert all(not m._forward_hooks for m in model.modules())  # removed even after an error

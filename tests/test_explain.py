@@ -12,7 +12,7 @@ from fusionlens.cli import main
 from fusionlens.models import build_model, preset_config
 from fusionlens.train.checkpoint import save_checkpoint
 from fusionlens.train.synthetic import TEST_GRID, SyntheticDataset
-from fusionlens.viz.explain import MOSAIC_ORDER, box_corners, camera_mosaic
+from fusionlens.viz.explain import box_corners, camera_grid
 
 torch.set_num_threads(1)
 SMALL = dict(grid=TEST_GRID, latent_dim=4, fusion_dim=8, decoder_width=8, head_dim=8, point_bev_channels=8,
@@ -38,11 +38,12 @@ def test_explain_writes_panels_and_numbers(checkpoint, tmp_path):
         image = matplotlib.image.imread(out / f"val-{i:05d}.png")
         assert image.ndim == 3 and image.shape[0] > 500 and image.shape[1] > 500
         report = json.loads((out / f"val-{i:05d}.json").read_text())
-        assert report["conservation_error"]["relative"] <= 1e-5
-        assert len(report["objects"]) == data[i].boxes.shape[0]  # every synthetic box lies inside the grid
-        for obj in report["objects"]:
-            assert set(obj["component_logit_sum"]) == {"camera", "radar", "bias"}
-            assert obj["seen_by"] == [] and obj["single_sensor"] is None  # synthetic data has no visibility truth
+        assert report["conservation_error"] <= 1e-5
+        assert len(report["regions"]) == data[i].boxes.shape[0]  # every synthetic box lies inside the grid
+        assert report["single_sensor"] == {}
+        for obj in report["regions"]:
+            assert set(obj["scores"]) == {"camera", "radar"}
+            assert obj["seen_by"] == [] and obj["correct"] is None  # synthetic data has no visibility truth
 
 
 def test_explain_rejects_bad_input(checkpoint, tmp_path, capsys):
@@ -56,12 +57,17 @@ def test_explain_rejects_bad_input(checkpoint, tmp_path, capsys):
 
 def test_mosaic_and_box_geometry():
     images = torch.stack([torch.full((3, 2, 3), float(i) / 10) for i in range(6)])
-    mosaic = camera_mosaic(images)
-    assert mosaic.shape == (4, 9, 3)
-    for slot, cam in enumerate(MOSAIC_ORDER):  # FL F FR / BL B BR
-        r, c = divmod(slot, 3)
+    mosaic, rows, cols = camera_grid(images)
+    assert mosaic.shape == (4, 9, 3) and (rows, cols) == (2, 3)
+    for cam in range(6):  # stored order, row by row
+        r, c = divmod(cam, 3)
         assert mosaic[r * 2, c * 3, 0] == pytest.approx(cam / 10)
+    two, rows, cols = camera_grid(images[:2])  # two cameras: one row of two, nothing black
+    assert two.shape == (2, 6, 3) and (rows, cols) == (1, 2)
     corners = box_corners(torch.tensor([1.0, 2.0, 0.0, 2.0, 4.0, 1.0, torch.pi / 2, 0.0, 0.0]))
+    assert box_corners(torch.tensor([1.0, 2.0, 2.0, 4.0, torch.pi / 2])) == pytest.approx(corners)
+    with pytest.raises(ValueError, match="a box must have 5"):
+        box_corners(torch.zeros(6))
     assert corners.shape == (5, 2)
     # heading along +y: the 4 m length spans y, the 2 m width spans x
     assert corners[:, 0].max() - corners[:, 0].min() == pytest.approx(2.0)

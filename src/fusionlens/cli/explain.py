@@ -11,7 +11,9 @@ from fusionlens.train.checkpoint import load_model
 
 def run(args: argparse.Namespace) -> int:
     from fusionlens.evaluate.attribution import Visibility
-    from fusionlens.viz.explain import explain_sample
+    from fusionlens.evaluate.explain import explain_world_sample
+    from fusionlens.io import atomic_write_json
+    from fusionlens.viz import explanation_figure
 
     model, _ = load_model(args.checkpoint)
     if args.layer not in dict(model.named_modules()):
@@ -23,11 +25,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples {bad} outside the {args.split} split of {len(dataset)} samples")
     vis = Visibility(args.min_camera_pixels, args.min_points)
     for i in args.samples:
-        report = explain_sample(model, dataset[i], args.out, name=f"{args.split}-{i:05d}", rules=args.rules,
-                                layer=args.layer, visibility=vis)
-        singles = [o for o in report["objects"] if o["single_sensor"]]  # type: ignore[union-attr]
-        print(f"{Path(args.out) / report['sample']}.png: {len(report['objects'])} vehicles in the grid, "  # type: ignore[arg-type]
-              f"{len(singles)} seen by one sensor; conservation error {report['conservation_error']['relative']:.2e}")  # type: ignore[index]
+        name = f"{args.split}-{i:05d}"
+        e = explain_world_sample(model, dataset[i], rules=args.rules, cam_layer=args.layer, visibility=vis, name=name)
+        explanation_figure(Path(args.out) / f"{name}.png", e)
+        atomic_write_json(Path(args.out) / f"{name}.json", e.to_dict())
+        print(f"{Path(args.out) / name}.png: {e.extra['boxes_in_grid']} objects in the grid, "
+              f"{len(e.extra['single_sensor'])} seen by one sensor; conservation error {e.conservation_error:.2e}")
     return 0
 
 

@@ -17,22 +17,21 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from fusionlens import decompose
-from fusionlens.evaluate.baselines import pick
+from fusionlens.spec import ModelSpec, as_spec, eval_mode
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
     return next((x for x in tree_flatten(output)[0] if isinstance(x, torch.Tensor)), None)
 
 
-def layer_gradient(model: nn.Module, inputs: Mapping[str, torch.Tensor], forward_kwargs: Mapping[str, Any] | None,
-                   layer: str, roi: torch.Tensor | None = None,
-                   output: str = "seg") -> tuple[torch.Tensor, torch.Tensor]:
-    """Activation of module ``layer`` and the gradient of ``sum_{R} y`` (``roi``: bool/float mask broadcastable to
-    the output map; ``None`` = every pixel) with respect to it, from one plain forward/backward in eval mode."""
-    modules = dict(model.named_modules())
+def layer_gradient(module: nn.Module, inputs: Mapping[str, torch.Tensor], forward_kwargs: Mapping[str, Any] | None,
+                   layer: str, roi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation of submodule ``layer`` of ``module`` (whose forward returns the studied tensor ``y``) and the
+    gradient of ``sum_{R} y`` (``roi``: bool/float mask broadcastable to ``y``; ``None`` = every pixel) with respect
+    to it, from one plain forward/backward in eval mode (training flags and hooks restored, also on error)."""
+    modules = dict(module.named_modules())
     if layer not in modules:
-        raise ValueError(f"layer {layer!r} not found in the model (some valid names: {list(modules)[1:8]})")
+        raise ValueError(f"layer {layer!r} not found (some valid names: {list(modules)[1:8]})")
     captured: list[torch.Tensor] = []
 
     def hook(_m: nn.Module, _a: Any, out: Any) -> None:
@@ -41,11 +40,9 @@ def layer_gradient(model: nn.Module, inputs: Mapping[str, torch.Tensor], forward
             captured.append(t)
 
     handle = modules[layer].register_forward_hook(hook)
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.enable_grad():
-            y = pick(model(**inputs, **dict(forward_kwargs or {})), output)
+        with torch.enable_grad(), eval_mode(module):
+            y = module(**inputs, **dict(forward_kwargs or {}))
             if not captured:
                 raise ValueError(f"layer {layer!r} produced no tensor output in the forward pass")
             act = captured[-1]
@@ -58,20 +55,34 @@ def layer_gradient(model: nn.Module, inputs: Mapping[str, torch.Tensor], forward
             (grad,) = torch.autograd.grad(y.sum(), act)
     finally:
         handle.remove()
-        for m, flag in flags.items():
-            m.training = flag
     return act.detach(), grad.detach()
 
 
-def seg_grad_cam(model: nn.Module, inputs: Mapping[str, torch.Tensor], forward_kwargs: Mapping[str, Any] | None,
-                 layer: str, roi: torch.Tensor | None = None, *, output: str = "seg", rules: str = "paper",
-                 bias: str = "local") -> dict[str, torch.Tensor]:
-    """Seg-Grad-CAM of the region ``roi`` at module ``layer``: ``"total"`` (eq. 16 on the full activation) and one
-    map ``(B, H, W)`` per modality and the bias component (eq. 18 on that component's activation)."""
-    act, grad = layer_gradient(model, inputs, forward_kwargs, layer, roi, output)
+def seg_grad_cam(model: ModelSpec | nn.Module, batch: Any, layer: str, roi: torch.Tensor | None = None, *,
+                 level: str = "input", rules: str = "paper", bias: str = "local") -> dict[str, torch.Tensor]:
+    """Seg-Grad-CAM of the region ``roi`` of the studied output at module ``layer`` (a module path of the user's
+    model): ``"total"`` (eq. 16 on the full activation) and one map ``(B, H, W)`` per modality and the bias
+    component (eq. 18 on that component's activation).
+
+    Args:
+        model: a :class:`~fusionlens.spec.ModelSpec` (or a model that describes itself).
+        batch: one batch as the spec's ``inputs`` takes it.
+        roi: bool/float mask broadcastable to the studied output; ``None`` = every pixel.
+        level: ``"input"`` (default: ``layer`` may be anywhere in the model) or ``"fusion"`` (``layer`` after the
+            fusion point).
+    """
+    spec = as_spec(model)
+    names = dict(spec.model.named_modules())
+    if layer not in names or not layer:
+        raise ValueError(f"layer {layer!r} not found in {type(spec.model).__name__} "
+                         f"(some valid names: {list(names)[1:8]})")
+    subject = spec.subject(level)
+    x = subject.prepare(batch)
+    path = subject.layer_name(layer)
+    act, grad = layer_gradient(subject.module, x.inputs, x.kwargs, path, roi)
     alpha = grad.mean(dim=(2, 3), keepdim=True)  # eq. 17/19: Z = H * W
-    d = decompose(model, inputs, forward_kwargs=forward_kwargs, rules=rules, layers=[layer], bias=bias)
-    parts = d.layer(layer)
+    d = subject.decompose(x, rules=rules, layers=[path], bias=bias)
+    parts = d.layer(path)
     cams = {name: torch.relu((alpha * parts[name]).sum(1)) for name in d.names}
     cams["total"] = torch.relu((alpha * act).sum(1))
     return cams

@@ -168,7 +168,22 @@ def attribute_regions(
     method = method if method is not None else LMD("paper", "recomputed")
     x = subject.prepare(batch)
     maps, _ = method.clean(subject, x)
-    output = subject.forward(x)
+    return score_regions({m: maps[m] for m in subject.modalities}, subject.forward(x), regions, grid=spec.grid,
+                         seen_by=seen_by, reference=reference, activation=activation)
+
+
+def score_regions(
+    components: Mapping[str, torch.Tensor],
+    output: torch.Tensor,
+    regions: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    grid: BEVGrid | None = None,
+    seen_by: Sequence[Sequence[Sequence[str]] | None] | Sequence[Sequence[str]] | None = None,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[RegionAttribution]:
+    """:func:`attribute_regions` from components already computed: ``components`` modality -> ``(B, ...)`` maps of
+    the studied ``output`` ``(B, ...)``; the other arguments as there."""
     n_batch = output.shape[0]
     per_sample = [regions] if isinstance(regions, torch.Tensor) else list(regions)
     if len(per_sample) != n_batch:
@@ -177,26 +192,26 @@ def attribute_regions(
                                                  (seen_by[0] and isinstance(seen_by[0][0], str))):
         seen_by = [seen_by]  # type: ignore[list-item]
     if reference is not None:
-        missing = [m for m in subject.modalities if m not in reference]
+        missing = [m for m in components if m not in reference]
         if missing:
             raise ValueError(f"reference maps lack modalities {missing}")
     shape = tuple(output.shape[-2:])
     rows: list[RegionAttribution] = []
     for b, sample_regions in enumerate(per_sample):
-        masks = _region_masks(sample_regions, spec.grid, shape)  # type: ignore[arg-type]
+        masks = _region_masks(sample_regions, grid, shape)  # type: ignore[arg-type]
         sensors = None if seen_by is None else seen_by[b]
         if sensors is not None and len(sensors) != masks.shape[0]:
             raise ValueError(f"seen_by gives {len(sensors)} entries for sample {b}, which has {masks.shape[0]} regions")
+        value_map = (output[b] if activation is None else activation(output[b])).detach().double()
         for r, mask in enumerate(masks):
             if not mask.any():
                 continue
             scores = {}
-            for m in subject.modalities:
-                comp = maps[m][b].detach().double()
+            for m, maps in components.items():
+                comp = maps[b].detach().double()
                 if reference is not None:
                     comp = comp - reference[m][0].double()
                 scores[m] = float(comp[mask.expand_as(comp)].sum())
-            value = (output[b] if activation is None else activation(output[b])).double()
-            rows.append(RegionAttribution(b, r, int(mask.sum()), float(value[mask.expand_as(value)].mean()), scores,
-                                          None if sensors is None else tuple(sensors[r])))
+            rows.append(RegionAttribution(b, r, int(mask.sum()), float(value_map[mask.expand_as(value_map)].mean()),
+                                          scores, None if sensors is None else tuple(sensors[r])))
     return rows
