@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.data import Dataset
 
 from fusionlens import decompose
@@ -215,28 +216,29 @@ def _batch_size(x: Prepared) -> int:
 
 
 def concat_prepared(xs: list[Prepared]) -> Prepared | None:
-    """``xs`` as one batch (tensors concatenated along dimension 0), or ``None`` where that is not possible: inputs
-    of different shapes (point clouds of different sizes), different keyword arguments."""
+    """``xs`` as one batch: every tensor (also inside dicts / lists of keyword arguments such as ``img_metas``)
+    concatenated along dimension 0; or ``None`` where that is not possible: inputs of different shapes (point clouds
+    of different sizes), keyword arguments of different structure or with different non-tensor values."""
     if len(xs) == 1:
         return xs[0]
-    first = xs[0]
-    if any(set(x.inputs) != set(first.inputs) or set(x.kwargs) != set(first.kwargs) for x in xs):
+    flat = [tree_flatten((x.inputs, x.kwargs)) for x in xs]
+    spec = flat[0][1]
+    if any(f[1] != spec for f in flat[1:]):
         return None
-    joined: list[dict[str, Any]] = [{}, {}]
-    for out, key_values in zip(joined, ([(k, [x.inputs[k] for x in xs]) for k in first.inputs],
-                                        [(k, [x.kwargs[k] for x in xs]) for k in first.kwargs])):
-        for key, values in key_values:
-            head = values[0]
-            if isinstance(head, torch.Tensor):
-                if not all(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[1:] == head.shape[1:]
-                           and v.dtype == head.dtype for v in values):
-                    return None
-                out[key] = torch.cat(values)
-            elif all(v is head for v in values):
-                out[key] = head
-            else:
+    leaves: list[Any] = []
+    for values in zip(*(f[0] for f in flat)):
+        head = values[0]
+        if isinstance(head, torch.Tensor):
+            if not all(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[1:] == head.shape[1:]
+                       and v.dtype == head.dtype for v in values):
                 return None
-    return Prepared(joined[0], joined[1])
+            leaves.append(torch.cat(values))
+        elif all(v is head or v == head for v in values):
+            leaves.append(head)
+        else:
+            return None
+    inputs, kwargs = tree_unflatten(leaves, spec)
+    return Prepared(inputs, kwargs)
 
 
 class Shapley(_Baselined):

@@ -240,6 +240,7 @@ def perturbation_metrics(
     n = len(dataset)  # type: ignore[arg-type]
     offsets = pairing_offsets(n, count, stride)
     spec = as_spec(model)
+    spec.ensure_checked(spec.batch(dataset, [0]))  # a bad description fails here, before any work
     subject = spec.subject(level)
     perturbed = list(subject.modalities if perturbed is None else perturbed)
     for p in perturbed:
