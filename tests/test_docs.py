@@ -22,7 +22,7 @@ def python_blocks(page: Path) -> list[str]:
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: p.name)
 def test_page_examples_run_as_written(page, tmp_path):
-    script = tmp_path / f"{page.stem}.py"
+    script = tmp_path / f"doc_example_{page.stem}.py"  # not the page name: nuscenes.py would shadow the devkit
     script.write_text("\n\n".join(python_blocks(page)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
