@@ -319,3 +319,49 @@ def test_bad_descriptions_fail_before_any_work(setup):
                              level="fusion", progress=False)
     assert {m: m.training for m in model.modules()} == flags
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+class ThreeSensorNet(nn.Module):
+    """No camera: three raster sensors with names of its own, fused by a module taking a dict."""
+
+    class DictFuser(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = nn.Conv2d(9, 4, 3, padding=1)
+
+        def forward(self, maps: dict) -> torch.Tensor:
+            return torch.tanh(self.mix(torch.cat([maps["thermal"], maps["sonar"], maps["lidar"]], 1)))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.ModuleDict({k: nn.Conv2d(2, 3, 1) for k in ("thermal", "sonar", "lidar")})
+        self.fuser = self.DictFuser()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, thermal: torch.Tensor, sonar: torch.Tensor, lidar: torch.Tensor) -> tuple:
+        maps = {"thermal": self.enc["thermal"](thermal), "sonar": self.enc["sonar"](sonar),
+                "lidar": self.enc["lidar"](lidar)}
+        return (self.head(self.fuser(maps)), maps)
+
+
+def test_three_modalities_without_cameras_tuple_output(tmp_path):
+    torch.manual_seed(1)
+    model = ThreeSensorNet().eval()
+    data = [{k: torch.randn(2, 8, 8) for k in ("thermal", "sonar", "lidar")} for _ in range(5)]
+    spec = ModelSpec(model, inputs=lambda b: (dict(b), {}), output=0, fusion="fuser")
+    res = perturbation_metrics(spec, data, make_method("lmd:paper", mode="frozen"), count=2, stride=1,
+                               anchors=[0, 1], progress=False)
+    assert res.modalities == ("thermal", "sonar", "lidar") and len(res.keys) == 9
+    assert res.summary()["pcc"]["thermalp/sonar"][0] == pytest.approx(1.0)  # frozen: unperturbed maps fixed
+    batch = spec.batch(data, [2])
+    d = spec.decompose(batch)
+    assert set(d.names) == {"thermal", "sonar", "lidar", "bias"} and d.output.shape == (1, 2, 8, 8)
+    shares = modality_shares(d)
+    assert set(shares) == {"thermal", "sonar", "lidar"}
+    masks = torch.zeros(1, 8, 8, dtype=torch.bool)
+    masks[0, 2:4, 3:6] = True
+    (row,) = attribute_regions(spec, batch, masks, seen_by=[["sonar"]])
+    for m in ("thermal", "sonar", "lidar"):  # summed over both output channels and the six cells
+        assert row.scores[m] == pytest.approx(float(d.components[m][0][:, masks[0]].sum()), rel=1e-5, abs=1e-6)
+    decomposition_figure(tmp_path / "three.png", {n: d.components[n][0, 0] for n in d.names}, images=None)
+    assert (tmp_path / "three.png").stat().st_size > 0
