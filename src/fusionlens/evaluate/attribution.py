@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from fusionlens.data.labels import vehicle_mask
 from fusionlens.data.sample import Sample
-from fusionlens.evaluate.regions import attribute_regions, box_masks
+from fusionlens.evaluate.regions import attribute_regions, box_masks, signed_shares
 from fusionlens.evaluate.separation import Method
 from fusionlens.spec import as_spec
 from fusionlens.train.distributed import DistInfo, all_gather_objects
@@ -84,8 +84,7 @@ class ObjectAttribution:
 
     @property
     def shares(self) -> dict[str, float]:
-        den = sum(abs(v) for v in self.scores.values())
-        return {m: (v / den if den > 0 else 0.0) for m, v in self.scores.items()}
+        return signed_shares(self.scores)
 
     @property
     def correct(self) -> bool:

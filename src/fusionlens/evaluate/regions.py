@@ -39,6 +39,12 @@ def _component_maps(components: Any) -> dict[str, torch.Tensor]:
     return dict(maps)
 
 
+def signed_shares(scores: Mapping[str, float]) -> dict[str, float]:
+    """``S_m / sum_m' |S_m'|`` (all zeros when every score is zero)."""
+    den = sum(abs(v) for v in scores.values())
+    return {m: (v / den if den > 0 else 0.0) for m, v in scores.items()}
+
+
 def modality_shares(components: Any, where: torch.Tensor | None = None, *, kind: str = "signed",
                     include_bias: bool = False) -> dict[str, float]:
     """Each modality's share of the output over ``where`` (module docstring).
@@ -71,8 +77,7 @@ def modality_shares(components: Any, where: torch.Tensor | None = None, *, kind:
         c = maps[n].detach().double()
         c = c.abs() if kind == "absolute" else c
         sums[n] = float(c[where.expand_as(c)].sum() if where is not None else c.sum())
-    den = sum(abs(v) for v in sums.values())
-    return {n: (v / den if den > 0 else 0.0) for n, v in sums.items()}
+    return signed_shares(sums)
 
 
 def box_masks(boxes: torch.Tensor, grid: BEVGrid) -> torch.Tensor:
@@ -105,8 +110,7 @@ class RegionAttribution:
 
     @property
     def shares(self) -> dict[str, float]:
-        den = sum(abs(v) for v in self.scores.values())
-        return {m: (v / den if den > 0 else 0.0) for m, v in self.scores.items()}
+        return signed_shares(self.scores)
 
     @property
     def top(self) -> str:
