@@ -45,8 +45,11 @@ def test_gelu_secant_slope():
 
 
 def test_zero_operating_point_sends_constant_to_bias():
-    comps, _ = _components(SumThen(torch.sigmoid, 0.0), [1.0], [-1.0])  # A = 0, sigmoid(0) = 0.5
-    assert comps == [[0.0], [0.0], [0.5]]
+    """A = 0 for sigmoid (F(0) = 0.5): F(0) is the bias's, and the modalities get the chord slope ~ F'(0) = 1/4."""
+    comps, _ = _components(SumThen(torch.sigmoid, 0.0), [1.0], [-1.0])
+    assert [c[0] for c in comps] == pytest.approx([0.25, -0.25, 0.5], abs=1e-4)
+    comps, _ = _components(SumThen(torch.relu, 0.0), [1.0], [-1.0])  # F(0) = 0: the paper's slope 0/0 := 0
+    assert comps == [[0.0], [0.0], [0.0]]
 
 
 @pytest.mark.parametrize("cam, rad, bias, expected", [

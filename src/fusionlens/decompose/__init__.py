@@ -6,10 +6,10 @@
 """
 
 from ._engine import UnsupportedOperationError
-from .api import ConservationError, Decomposition, decompose
+from .api import ConservationError, Decomposition, ModalityNotReachedWarning, decompose
 from .ruleset import PRESETS, LinearizationSettings, RuleSet, register_rule, unregister_rule
 
 __all__ = [
     "decompose", "Decomposition", "ConservationError", "LinearizationSettings", "RuleSet", "PRESETS",
-    "register_rule", "unregister_rule", "UnsupportedOperationError",
+    "register_rule", "unregister_rule", "UnsupportedOperationError", "ModalityNotReachedWarning",
 ]

@@ -7,6 +7,8 @@ original values, so the decomposition's total *is* the model's output; a rule on
 
 from __future__ import annotations
 
+import os
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +34,7 @@ _READS_VALUES = frozenset({
 # Properties that name the device: those of the real tensors when only shapes are followed (meta tensors).
 _DEVICE_PROPERTIES = frozenset({"device", "is_meta", "is_cpu", "is_cuda", "is_mps", "is_xpu"})
 # Tensor-valued properties that are linear maps of the tensor; every other property is metadata.
-_LINEAR_PROPERTIES = frozenset({"T", "mT", "H", "mH", "data", "real"})
+_LINEAR_PROPERTIES = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
 # In-place dunders and their out-of-place twins.
 _INPLACE_DUNDERS = {
     "__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__", "__itruediv__": "__truediv__",
@@ -42,6 +44,27 @@ _INPLACE_DUNDERS = {
 
 class UnsupportedOperationError(NotImplementedError):
     """A decomposed tensor reached an op that has no linearization rule."""
+
+
+# Frames of these directories are library code: an error names the first frame outside them (the user's line).
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,)) + (os.path.dirname(__file__) + os.sep,)
+
+
+def user_frame() -> str | None:
+    """``file:line`` of the innermost caller outside torch and this package: the model code that made the call."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_LIBRARY_DIRS) and not filename.startswith("<"):
+            return f"{filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+def carries_values(t: Any) -> bool:
+    """Whether a tensor can carry modality components: floating-point and complex tensors (integer and boolean
+    results of comparisons, indices and casts are piecewise constant in their inputs)."""
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
 
 
 class Coefficients(list):
@@ -127,6 +150,16 @@ class Engine:
         self.rules = rules
         self.local_bias = bias == "local"
         self.module_path: list[str] = []
+        # modality index -> (op, where) of the first op that turned its values into integers or booleans (indices,
+        # comparisons) or into a piecewise-constant output: how a modality can vanish from the output.
+        self.dropped: dict[int, tuple[str, str]] = {}
+        self._carried: list[Stream] | None = None
+
+    def carried_only(self, name: str, carried: list[Any], steering: list[Any]) -> None:
+        """For a rule: of the op's decomposed inputs, only ``carried`` pass values to its output; ``steering`` (the
+        queries and keys of an attention) only set coefficients of the linearization."""
+        self._carried = [s for s in carried if isinstance(s, Stream)]
+        self.note_dropped(name, [s for s in steering if isinstance(s, Stream)])
 
     # -- helpers for rules -------------------------------------------------------------------------------------
     def parts(self, x: Any) -> torch.Tensor | None:
@@ -168,7 +201,7 @@ class Engine:
         to the model, operands of products)."""
         if self.replay is not None:
             if self._cursor >= len(self.replay):
-                raise RuntimeError(f"frozen coefficients exhausted at '{self.where()}': the model took another path")
+                raise RuntimeError(f"frozen coefficients exhausted in {self.where()}: the model took another path")
             value = self.replay[self._cursor]
             self._cursor += 1
             if self.broadcast and like is not None:
@@ -192,14 +225,35 @@ class Engine:
                 except RuntimeError as exc:
                     raise RuntimeError(
                         f"a coefficient recorded with shape {tuple(v.shape)} does not broadcast to {tuple(t.shape)} in "
-                        f"'{self.where()}': replaying a batch through one sample's coefficients needs a model that "
+                        f"{self.where()}: replaying a batch through one sample's coefficients needs a model that "
                         "treats samples independently"
                     ) from exc
             out.append(v)
         return tree_unflatten(out, spec)
 
     def where(self) -> str:
-        return ".".join(p for p in self.module_path if p) or "<top level>"
+        """Where the current op is: the module path, and the line of model code that called it."""
+        path = ".".join(p for p in self.module_path if p)
+        place = f"module '{path}'" if path else "the model's own forward (outside any submodule)"
+        line = user_frame()
+        return f"{place} at {line}" if line else place
+
+    def note_dropped(self, name: str, streams: list[Stream]) -> None:
+        """Record, for each modality these streams carry that has no record yet, that ``name`` dropped it."""
+        if len(self.dropped) == self.num_modalities:
+            return
+        owners: set[int] = set()
+        for s in streams:
+            if s._fl_owner is not None:
+                owners.add(s._fl_owner)
+            elif s._fl_parts is not None and not s._fl_parts.is_meta:
+                owners.update(i for i in range(self.num_modalities)
+                              if i not in self.dropped and bool(s._fl_parts[i].any()))
+        fresh = [i for i in owners if i not in self.dropped]
+        if fresh:
+            where = self.where()
+            for i in fresh:
+                self.dropped[i] = (name, where)
 
     # -- dispatch ------------------------------------------------------------------------------------------------
     def dispatch(self, func: Callable, args: tuple, kwargs: dict) -> Any:
@@ -210,7 +264,7 @@ class Engine:
                 return getattr(self._probe, name)
             if name in _READS_VALUES:
                 raise UnsupportedOperationError(
-                    f"'{name}' reads the values of a decomposed tensor in '{self.where()}', which a replay without "
+                    f"'{name}' reads the values of a decomposed tensor in {self.where()}, which a replay without "
                     "the output (with_output=False) does not compute; replay with the output"
                 )
         if name in _PASSTHROUGH or (getattr(func, "__name__", "") == "__get__" and name not in _LINEAR_PROPERTIES):
@@ -225,24 +279,36 @@ class Engine:
         return self._apply(func, name, args, kwargs)
 
     def _apply(self, func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
-        owners = {s._fl_owner for s in streams_in((args, kwargs))}
+        streams = streams_in((args, kwargs))
+        owners = {s._fl_owner for s in streams}
         if self.local_bias and len(owners) == 1 and None not in owners:
             owner = owners.pop()
-            return _wrap(_call_plain(func, args, kwargs), lambda t: Stream.single(t, owner))
+            out = _call_plain(func, args, kwargs)
+            if not (carries_values(out) if isinstance(out, torch.Tensor)
+                    else isinstance(out, tuple | list) and any(carries_values(t) for t in out)):
+                self.note_dropped(name, streams)
+            return _wrap(out, lambda t: Stream.single(t, owner))
         total = _call_shapes(func, args, kwargs, self.device) if self.shapes_only else _call_plain(func, args, kwargs)
         leaves = [total] if isinstance(total, torch.Tensor) else tree_flatten(total)[0]
-        if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves):
-            return self._constant(total)  # comparisons, indices, int casts: constants at the operating point
+        if not any(carries_values(t) for t in leaves):
+            # comparisons, indices, integer casts: piecewise constant, so constants at the operating point
+            self.note_dropped(name, streams)
+            return self._constant(total)
         rule = self.rules.lookup(func, name)
         if rule is None:
             raise UnsupportedOperationError(
-                f"no LMD rule for op '{name}' (in module '{self.where()}'); register one with "
+                f"no LMD rule for op '{name}' in {self.where()}; register one with "
                 "fusionlens.decompose.register_rule"
             )
         parts = rule(self, func, args, kwargs, total)
         if parts is None:  # the rule declared the output a constant at the operating point
+            self.note_dropped(name, streams)
             return self._constant(total)
-        return _attach(total, parts)
+        reach = 0
+        for s in self._carried if self._carried is not None else streams:
+            reach |= s._fl_reach
+        self._carried = None
+        return _attach(total, parts, reach)
 
     def _constant(self, total: Any) -> Any:
         value = self.coefficient(lambda: total, like=total)
@@ -288,6 +354,7 @@ class Engine:
             # so the data stays tracked. Python allows the class change because Stream adds no slots.
             target.__class__ = Stream
         target._fl_owner, target._fl_parts, target._fl_blocks = result._fl_owner, result._fl_parts, result._fl_blocks
+        target._fl_reach = result._fl_reach
         return None if name == "_setitem_out" else target
 
 
@@ -356,22 +423,22 @@ def _plain_leaf(x: Any) -> Any:
 
 def _wrap(out: Any, make: Callable[[torch.Tensor], Stream]) -> Any:
     leaves, spec = tree_flatten(out)
-    wrapped = [make(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in leaves]
+    wrapped = [make(x) if carries_values(x) else x for x in leaves]
     return tree_unflatten(wrapped, spec)
 
 
-def _attach(total: Any, parts: Any) -> Any:
+def _attach(total: Any, parts: Any, reach: int) -> Any:
     """Pair each floating tensor of the op's output with its components (``None`` = constant output)."""
     if isinstance(total, torch.Tensor):
         if isinstance(parts, BlockedParts):
-            return Stream.multi(total, parts.parts, parts.blocks)
-        return total if parts is None else Stream.multi(total, parts)
+            return Stream.multi(total, parts.parts, parts.blocks, reach)
+        return total if parts is None else Stream.multi(total, parts, reach=reach)
     total_leaves, spec = tree_flatten(total)
     # rules return one entry per output leaf (a tensor of components or None for a constant leaf)
     parts_leaves = [parts] if isinstance(parts, torch.Tensor) or parts is None else list(parts)
     parts_leaves += [None] * (len(total_leaves) - len(parts_leaves))
     out = [
-        Stream.multi(t, p) if p is not None and isinstance(t, torch.Tensor) else t
+        Stream.multi(t, p, reach=reach) if p is not None and isinstance(t, torch.Tensor) else t
         for t, p in zip(total_leaves, parts_leaves)
     ]
     return tree_unflatten(out, spec)

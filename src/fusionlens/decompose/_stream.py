@@ -50,19 +50,22 @@ class Stream(torch.Tensor):
     _fl_owner: int | None
     _fl_parts: torch.Tensor | None
     _fl_blocks: Blocks | None
+    # Which modalities' values flowed into this tensor through ops that carry values (bit m for modality m; -1:
+    # all). Unlike the parts, not zeroed by a dead activation: it tells "no path" from "zero at this input".
+    _fl_reach: int
 
     @staticmethod
     def single(total: torch.Tensor, owner: int) -> Stream:
         out = _plain(total).as_subclass(Stream)
-        out._fl_owner, out._fl_parts, out._fl_blocks = owner, None, None
+        out._fl_owner, out._fl_parts, out._fl_blocks, out._fl_reach = owner, None, None, 1 << owner
         return out
 
     @staticmethod
-    def multi(total: torch.Tensor, parts: torch.Tensor, blocks: Blocks | None = None) -> Stream:
+    def multi(total: torch.Tensor, parts: torch.Tensor, blocks: Blocks | None = None, reach: int = -1) -> Stream:
         if parts.shape[1:] != total.shape:
             raise RuntimeError(f"internal: parts {tuple(parts.shape)} do not match total {tuple(total.shape)}")
         out = _plain(total).as_subclass(Stream)
-        out._fl_owner, out._fl_parts, out._fl_blocks = None, parts, blocks
+        out._fl_owner, out._fl_parts, out._fl_blocks, out._fl_reach = None, parts, blocks, reach
         return out
 
     def fl_total(self) -> torch.Tensor:

@@ -19,11 +19,16 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ._engine import Engine, input_batch
+from ._engine import Engine, carries_values, input_batch
 from ._stream import ActiveEngine, Stream
 from .ruleset import LinearizationSettings, RuleSet, resolve_rules
 
 BIAS_MODES = ("local", "global")
+
+
+class ModalityNotReachedWarning(UserWarning):
+    """A modality's component is zero at every output: its values reach the output through no op that carries
+    them (only through integer indices, comparisons or piecewise-constant ops, or not at all)."""
 
 
 class ConservationError(NamedTuple):
@@ -87,9 +92,11 @@ def decompose(
     Args:
         model: any ``nn.Module``. Decomposition uses evaluation behaviour: a model in training mode is put in
             eval mode for the call (with a warning) and restored afterwards.
-        inputs: the modality inputs: a dict name -> tensor (passed as keyword arguments) or a tuple of tensors
-            (passed positionally, named by ``names``, default ``input0, input1, ...``).
-        names: modality names for tuple inputs, or for the values of ``modality_mask``.
+        inputs: the modality inputs: a dict name -> tensor (passed as keyword arguments; the keys name the
+            modalities unless ``names`` is given) or a tuple of tensors (passed positionally, named by ``names``,
+            default ``input0, input1, ...``).
+        names: modality names: for tuple inputs, for the values of a dict in its order (the keys still name the
+            forward's arguments), or for the values of ``modality_mask``.
         additional_forward_args: non-modality positional arguments, passed through as constants (Captum's
             convention: after the tuple inputs; before the keyword modality inputs of a dict).
         forward_kwargs: non-modality keyword arguments (calibration, valid masks), constants.
@@ -155,7 +162,36 @@ def decompose(
     if engine.shapes_only:
         return Decomposition(None, _split_modalities(engine, out), engine.names[:-1], captures)
     total, components = _split_output(engine, out)
+    given = [bool((tensors[0] * (modality_mask == m)).any()) if modality_mask is not None else bool(t.any())
+             for m, t in enumerate(tensors if modality_mask is None else tensors * engine.num_modalities)]
+    _warn_unreached(engine, out, engine.names[:-1], given)
     return Decomposition(total, components, engine.names, captures, engine.tape)
+
+
+def _warn_unreached(engine: Engine, out: Any, names: list[str], given: list[bool]) -> None:
+    """Warn for each modality with a non-zero input that no output depends on through an op carrying its values:
+    its component is zero everywhere and its whole effect sits in the bias, which no user should find out by
+    chance. (A modality whose component is zero only because every activation on its path is off at this input
+    is not warned about: its values do reach the output.)"""
+    reach = 0
+    for leaf in tree_flatten(out)[0]:
+        if isinstance(leaf, Stream):
+            reach |= leaf._fl_reach
+    for i, name in enumerate(names):
+        if not given[i] or reach & (1 << i):
+            continue
+        if i in engine.dropped:
+            op, where = engine.dropped[i]
+            warnings.warn(
+                f"decompose: modality {name!r} reaches the output only through ops that carry none of its values "
+                f"(first: op '{op}' in {where}; integer indices, comparisons, piecewise-constant ops and attention "
+                "weights are constants of the linearization), so its component is zero everywhere and its effect "
+                "is in the bias. If the model voxelizes or indexes this input itself (points to grid cells), pass "
+                "the voxelized tensor (the features or counts it builds) as the modality input instead.",
+                ModalityNotReachedWarning, stacklevel=3)
+        else:
+            warnings.warn(f"decompose: modality {name!r} does not reach the output: the model does not use this "
+                          "input (its component is zero everywhere)", ModalityNotReachedWarning, stacklevel=3)
 
 
 def _normalise_inputs(model: nn.Module, inputs: Any, names: Sequence[str] | None,
@@ -170,7 +206,13 @@ def _normalise_inputs(model: nn.Module, inputs: Any, names: Sequence[str] | None
         if unknown:
             raise ValueError(f"inputs {unknown} are not arguments of {type(model).__name__}.forward "
                              f"(it takes {list(params)})")
-        modality_names, as_kwargs = keys, keys
+        as_kwargs = keys
+        modality_names = keys
+        if names is not None and mask is None:
+            if isinstance(names, str) or len(names) != len(keys):
+                raise ValueError(f"names={names!r} must give one modality name per input of the dict "
+                                 f"{keys} (in its order)")
+            modality_names = list(names)
     elif isinstance(inputs, Sequence):
         tensors = list(inputs)
         default = [f"input{i}" for i in range(len(tensors))]
@@ -224,7 +266,7 @@ def _wrap_inputs(engine: Engine, tensors: list[torch.Tensor], mask: torch.Tensor
     for i, t in enumerate(tensors):
         parts = t.new_zeros((k, *t.shape))
         parts[i] = t
-        streams.append(Stream.multi(t, parts))
+        streams.append(Stream.multi(t, parts, reach=1 << i))
     return streams
 
 
@@ -260,7 +302,7 @@ def _capture(engine: Engine, output: Any) -> dict[str, torch.Tensor]:
 def _split_output(engine: Engine, out: Any) -> tuple[Any, dict[str, Any]]:
     leaves, spec = tree_flatten(out)
     total = tree_unflatten([x.fl_total() if isinstance(x, Stream) else x for x in leaves], spec)
-    split = [engine.components(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None for x in leaves]
+    split = [engine.components(x) if carries_values(x) else None for x in leaves]
     components = {
         name: tree_unflatten([x if parts is None else parts[i] for x, parts in zip(leaves, split)], spec)
         for i, name in enumerate(engine.names)
@@ -277,8 +319,7 @@ def _modality_parts(engine: Engine, x: torch.Tensor) -> torch.Tensor:
 
 def _split_modalities(engine: Engine, out: Any) -> dict[str, Any]:
     leaves, spec = tree_flatten(out)
-    split = [_modality_parts(engine, x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
-             for x in leaves]
+    split = [_modality_parts(engine, x) if carries_values(x) else None for x in leaves]
     return {name: tree_unflatten([x if parts is None else parts[i] for x, parts in zip(leaves, split)], spec)
             for i, name in enumerate(engine.names[:-1])}
 

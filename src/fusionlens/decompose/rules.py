@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._engine import carries_values
 from ._stream import BlockedParts, Blocks, Stream
 
 Rule = Callable[[Any, Callable, tuple, dict, Any], Any]
@@ -30,8 +31,7 @@ def _stack_leaves(outputs: list[Any]) -> Any:
     flat = [tree_flatten(o)[0] for o in outputs]
     stacked = []
     for leaf in zip(*flat):
-        ok = isinstance(leaf[0], torch.Tensor) and leaf[0].is_floating_point()
-        stacked.append(torch.stack(leaf) if ok else None)
+        stacked.append(torch.stack(leaf) if carries_values(leaf[0]) else None)
     return stacked[0] if isinstance(outputs[0], torch.Tensor) else stacked
 
 
@@ -85,7 +85,7 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) 
 
 def _constant(value: Any, what: str, engine: Any) -> Any:
     if isinstance(value, Stream):
-        raise NotImplementedError(f"{what} must not depend on a modality input (in module '{engine.where()}')")
+        raise NotImplementedError(f"{what} must not depend on a modality input in {engine.where()}")
     return value
 
 
@@ -196,6 +196,7 @@ def attention(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any
     and held constant, so the output ``weights @ V`` is linear in ``V``'s components. Queries and keys then carry
     no attribution of their own (documented limitation; see :func:`as_constant`)."""
     weights = engine.coefficient(lambda: _attention_weights(args, kwargs))
+    engine.carried_only("scaled_dot_product_attention", [args[2]], list(args[:2]))
     v_parts = engine.parts(args[2])
     return None if v_parts is None else weights @ v_parts
 
@@ -219,5 +220,5 @@ def _attention_weights(args: tuple, kwargs: dict) -> torch.Tensor:
 def dropout(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:
     """Dropout and friends decompose with their evaluation behaviour (identity)."""
     if _arg(args, kwargs, 2, "training", False):
-        raise RuntimeError(f"dropout in training mode inside '{engine.where()}': decompose needs eval behaviour")
+        raise RuntimeError(f"dropout in training mode in {engine.where()}: decompose needs eval behaviour")
     return engine.parts(args[0]).clone()

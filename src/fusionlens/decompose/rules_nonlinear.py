@@ -31,6 +31,30 @@ def secant_slope(output: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(safe, output / value, 0.0)  # the quotients at the floor (inf, nan) are discarded
 
 
+def chord_slope(func: Callable, args: tuple, kwargs: dict, output: torch.Tensor, value: torch.Tensor,
+                at_zero: torch.Tensor) -> torch.Tensor:
+    """Prop. 1 for an activation with ``F(0) != 0`` (sigmoid, softplus, exp, cos, clamp with a positive floor):
+    the slope of the chord through ``(0, F(0))`` and ``(A, F(A))``, ``c = (F(A) - F(0)) / A``, with ``F(0)`` the
+    bias's. The chord through the origin, ``F(A) / A``, grows without bound as ``A -> 0`` (a component a million
+    times the output); this one tends to ``F'(0)``. Where ``|A|`` is below ``tau = sqrt(eps)`` of the dtype --
+    where ``F(A) - F(0)`` is mostly rounding -- the chord ends at ``+-tau`` instead (the sign of ``A``), so the
+    slope stays within the range of ``F'`` near 0 and float32 agrees with float64."""
+    tau = torch.finfo(value.dtype).eps ** 0.5
+    small = value.abs() < tau
+    end = torch.where(value < 0, -tau, tau)
+    if small.any():
+        tensor_args = any(isinstance(a, torch.Tensor) for a in list(args) + list(kwargs.values()))
+        if tensor_args:  # F's parameters vary by element: evaluate it at every chord end
+            at_end = _plain_call(func, end, *args, **kwargs)
+        else:  # elementwise with scalar parameters: F(+tau) and F(-tau) serve every element
+            ends = _plain_call(func, torch.tensor([tau, -tau], dtype=value.dtype, device=value.device), *args,
+                               **kwargs)
+            at_end = torch.where(value < 0, ends[1], ends[0])
+        output = torch.where(small, at_end, output)
+        value = torch.where(small, end, value)
+    return (output - at_zero) / value
+
+
 def split_bias_sum(parts: torch.Tensor, bias: int) -> torch.Tensor:
     """Sum-splitting (appendix C.1, eq. 13), generalised to M modalities: where the bias pre-activation ``h_b``
     has the sign of some but not all modalities, ``h_b`` is moved (split equally) to the modalities that share
@@ -77,15 +101,16 @@ _SPLITS: dict[str, Callable[[torch.Tensor, int], torch.Tensor] | None] = {
 
 def activation(engine: Any, func: Callable, args: tuple, kwargs: dict, total: torch.Tensor) -> torch.Tensor:
     """Elementwise nonlinearity ``F`` (ReLU, GELU, SiLU, sigmoid, tanh, clamp, ...), Prop. 1:
-    ``f(h_m) = c * h_m`` with the secant slope ``c = F(A)/A`` at the operating point ``A``, after the activation's
-    bias-splitting variant (identity, sum C.1, ratio C.2). The residual ``F(A) - c * sum_m h_m`` (float rounding,
-    and ``F(0)`` where ``A = 0``) goes to the bias component, so components sum to ``F(A)`` exactly."""
+    ``f(h_m) = c * h_m`` with the secant slope ``c = F(A)/A`` at the operating point ``A`` (for ``F(0) != 0`` the
+    chord through ``(0, F(0))``, :func:`chord_slope`), after the activation's bias-splitting variant (identity,
+    sum C.1, ratio C.2). The residual ``F(A) - c * sum_m h_m`` (the bias's own share, ``F(0)``, float rounding)
+    goes to the bias component, so components sum to ``F(A)`` exactly."""
     x = args[0]
     others = [a for a in list(args[1:]) + list(kwargs.values()) if isinstance(a, Stream)]
     if not isinstance(x, Stream) or others:
         raise NotImplementedError(
             f"elementwise op '{getattr(func, '__name__', func)}' with more than one decomposed operand "
-            f"(in module '{engine.where()}')"
+            f"in {engine.where()}"
         )
     settings = engine.rules.settings
     if not settings.linearize_activations:  # ablation row: each modality through the original function
@@ -97,9 +122,48 @@ def activation(engine: Any, func: Callable, args: tuple, kwargs: dict, total: to
         # slopes, so that under frozen coefficients the split is that of the clean input (a fixed affine map).
         parts = parts + engine.coefficient(lambda: split(engine.components(x), engine.num_modalities)[: len(parts)]
                                            - parts)
-    slope = engine.coefficient(lambda: secant_slope(total, x.fl_total()))
+    slope = engine.coefficient(lambda: _slope(func, args[1:], kwargs, total, x.fl_total()))
     # The bias receives c * h_b plus F(A) - c * A (F(0) where the slope is 0): exactly total - sum of these.
     return slope * parts[: engine.num_modalities]
+
+
+_AT_ZERO: dict[Any, torch.Tensor | None] = {}
+
+
+def _value_at_zero(func: Callable, args: tuple, kwargs: dict, value: torch.Tensor) -> torch.Tensor | None:
+    """``F(0)`` of an activation with scalar parameters (memoized: the same few activations recur in every layer);
+    ``None`` when it is 0 or not finite (the chord through the origin applies)."""
+    try:
+        key = (func, value.dtype, value.device, args, tuple(sorted(kwargs.items())))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _AT_ZERO:
+        return _AT_ZERO[key]
+    at_zero = _plain_call(func, value.new_zeros(()), *args, **kwargs)
+    result = at_zero if bool(torch.isfinite(at_zero)) and bool(at_zero != 0) else None
+    if key is not None and len(_AT_ZERO) < 1024:
+        _AT_ZERO[key] = result
+    return result
+
+
+def _slope(func: Callable, args: tuple, kwargs: dict, output: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The chord through the origin where ``F(0)`` is 0 or not finite (``log``, ``rsqrt``: there is no chord through
+    ``(0, F(0))``), else the chord through ``(0, F(0))``."""
+    if value.is_complex():
+        return secant_slope(output, value)
+    tensor_args = any(isinstance(a, torch.Tensor) for a in list(args) + list(kwargs.values()))
+    if tensor_args:
+        at_zero = _plain_call(func, value.new_zeros(value.shape), *args, **kwargs)
+    else:
+        at_zero = _value_at_zero(func, args, kwargs, value)
+        if at_zero is None:
+            return secant_slope(output, value)
+    through = torch.isfinite(at_zero) & (at_zero != 0)
+    if not through.any():
+        return secant_slope(output, value)
+    chord = chord_slope(func, args, kwargs, output, value, at_zero)
+    return chord if bool(through.all()) else torch.where(through, chord, secant_slope(output, value))
 
 
 def _norm_core(engine: Any, parts: torch.Tensor, value: torch.Tensor, groups: tuple[int, ...], eps: float,
@@ -153,7 +217,7 @@ def batch_norm(engine: Any, func: Callable, args: tuple, kwargs: dict, total: to
     ``t = beta - s*mu``. Every component is scaled by ``s``; the constant ``t`` goes to the bias component
     (identity, ``delta_b = 1``) or ``t/K`` to each component (uniform)."""
     if _arg(args, kwargs, 5, "training", False):
-        raise RuntimeError(f"batch_norm in training mode inside '{engine.where()}': decompose needs eval mode")
+        raise RuntimeError(f"batch_norm in training mode in {engine.where()}: decompose needs eval mode")
     ablated = _ablation_norm(engine, func, args, kwargs)
     if ablated is not None:
         return ablated
@@ -311,7 +375,7 @@ def scatter_reduce(engine: Any, func: Callable, args: tuple, kwargs: dict, total
     if reduce in ("sum", "mean"):
         return affine(engine, func, args, kwargs, total)
     if reduce not in ("amax", "amin"):
-        raise NotImplementedError(f"scatter_reduce '{reduce}' on decomposed tensors (in '{engine.where()}')")
+        raise NotImplementedError(f"scatter_reduce '{reduce}' on decomposed tensors in {engine.where()}")
     t_self = target.fl_total() if isinstance(target, Stream) else target
     t_src = src.fl_total() if isinstance(src, Stream) else src
     keep_self, winner = engine.coefficient(lambda: _scatter_winners(total, t_self, t_src, dim, index, include_self))
@@ -348,7 +412,7 @@ def grid_sample(engine: Any, func: Callable, args: tuple, kwargs: dict, total: t
     """``grid_sample`` is linear in its input for a constant sampling grid (camera lifting)."""
     grid = _arg(args, kwargs, 1, "grid")
     if isinstance(grid, Stream):
-        raise NotImplementedError(f"grid_sample with a grid that depends on a modality (in '{engine.where()}')")
+        raise NotImplementedError(f"grid_sample with a grid that depends on a modality in {engine.where()}")
     from .rules import linear
 
     return linear(engine, func, args, kwargs, total)
@@ -356,5 +420,6 @@ def grid_sample(engine: Any, func: Callable, args: tuple, kwargs: dict, total: t
 
 __all__ = [
     "activation", "batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm", "max_pool",
-    "reduce_select", "scatter_reduce", "grid_sample", "secant_slope", "split_bias_sum", "split_bias_ratio", "F",
+    "reduce_select", "scatter_reduce", "grid_sample", "secant_slope", "chord_slope", "split_bias_sum",
+    "split_bias_ratio", "F",
 ]

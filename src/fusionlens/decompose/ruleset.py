@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import rules as lin
+from . import rules_composite as comp
 from . import rules_nonlinear as nl
 
 _LINEAR_OPS = """
@@ -20,7 +21,10 @@ index_select gather take take_along_dim split split_with_sizes chunk unbind tens
 moveaxis swapaxes swapdims sum mean nansum cumsum trace diagonal diag_embed tril triu neg negative __neg__ __pos__
 positive to float double half bfloat16 type type_as detach cpu cuda interpolate upsample upsample_nearest
 upsample_bilinear avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d
-pixel_shuffle pixel_unshuffle unfold fold masked_select conj resolve_conj resolve_neg
+pixel_shuffle pixel_unshuffle unfold fold masked_select conj resolve_conj resolve_neg imag conj_physical
+view_as_real view_as_complex fft_fft fft_ifft fft_fft2 fft_ifft2 fft_fftn fft_ifftn fft_rfft fft_irfft fft_rfft2
+fft_irfft2 fft_rfftn fft_irfftn fft_hfft fft_ihfft fft_hfft2 fft_ihfft2 fft_hfftn fft_ihfftn fft_fftshift
+fft_ifftshift
 """
 _AFFINE_OPS = """
 add __add__ __radd__ sub subtract __sub__ __rsub__ rsub stack hstack vstack dstack
@@ -32,7 +36,7 @@ _MULTILINEAR_OPS = "mul multiply __mul__ __rmul__ matmul __matmul__ __rmatmul__ 
 _ACTIVATION_OPS = """
 relu relu6 leaky_relu gelu silu sigmoid tanh elu selu celu softplus hardswish hardsigmoid hardtanh mish
 logsigmoid softsign tanhshrink hardshrink softshrink threshold clamp clip clamp_min clamp_max exp exp2 expm1 log
-log2 log10 log1p sqrt rsqrt square pow __pow__ __rpow__ abs __abs__ reciprocal __rtruediv__ __rdiv__ sin cos erf
+log2 log10 log1p sqrt rsqrt square pow __pow__ __rpow__ reciprocal __rtruediv__ __rdiv__ sin cos erf
 erfc rrelu sinh cosh atan asinh
 """
 _CONSTANT_OPS = "softmax log_softmax _softmax floor ceil round trunc sign sgn heaviside new_zeros new_ones new_full " \
@@ -64,6 +68,9 @@ def _table() -> dict[str, Callable]:
         "grid_sample": nl.grid_sample, "scaled_dot_product_attention": lin.attention,
         "dropout": lin.dropout, "dropout1d": lin.dropout, "dropout2d": lin.dropout, "dropout3d": lin.dropout,
         "alpha_dropout": lin.dropout, "feature_alpha_dropout": lin.dropout,
+        "multi_head_attention_forward": comp.multi_head_attention, "normalize": comp.normalize,
+        "norm": comp.homogeneous, "linalg_vector_norm": comp.homogeneous, "abs": comp.absolute,
+        "__abs__": comp.absolute, "absolute": comp.absolute,
     })
     return table
 
@@ -122,14 +129,18 @@ class RuleSet:
 
 def register_rule(op: Callable | str, rule: Callable) -> None:
     """Register ``rule(engine, func, args, kwargs, total) -> parts`` for ``op`` (a function object such as a custom
-    sparse convolution, or an op name) in every rule set. See :mod:`fusionlens.decompose.rules` for the contract
-    and examples."""
+    sparse convolution or a torchvision op, or an op name) in every rule set; it takes precedence over the built-in
+    rule of that op. The public registry for rules that live in other modules (e.g. one for
+    ``torchvision.ops.roi_align``, linear in its input for constant boxes). See :mod:`fusionlens.decompose.rules`
+    for the contract; ``fusionlens.decompose.rules.linear`` / ``affine`` / ``rules_nonlinear.activation`` are
+    ready-made rules for linear, affine and elementwise ops."""
     if not callable(rule):
         raise ValueError(f"rule for {op!r} must be callable")
     _USER_RULES[op] = rule
 
 
 def unregister_rule(op: Callable | str) -> None:
+    """Remove the rule registered for ``op`` (nothing happens if there is none)."""
     _USER_RULES.pop(op, None)
 
 
