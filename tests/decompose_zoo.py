@@ -162,6 +162,34 @@ class SelectionFusion(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).mean((1, 2)) + peak + top + channel_max
 
 
+class CrossAttentionFusion(nn.Module):
+    """Camera-LiDAR fusion by cross-attention (TransFusion / CMT style): camera BEV cells are the queries of an
+    ``nn.MultiheadAttention`` over per-point LiDAR features (keys and values, padded points masked), then a
+    residual, LayerNorm, a GELU feed-forward and a per-cell head."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.cam = nn.Conv2d(3, dim, 3, padding=1)
+        self.points = nn.Sequential(nn.Linear(4, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 1)
+
+    def forward(self, camera: torch.Tensor, lidar: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        queries = self.cam(camera).flatten(2).transpose(1, 2)  # (B, cells, dim)
+        keys = self.points(lidar)  # (B, points, dim)
+        if not self.batch_first:
+            queries, keys = queries.transpose(0, 1), keys.transpose(0, 1)
+        fused, _ = self.attn(queries, keys, keys, key_padding_mask=padding, need_weights=False)
+        x = self.norm(queries + fused)
+        x = x + self.ffn(x)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        return self.head(x).squeeze(-1).unflatten(-1, camera.shape[-2:])
+
+
 def resnet_camera(depth: int) -> CameraRadarClassifier:
     backbone = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth](num_classes=16)
     return randomise_norm_stats(CameraRadarClassifier(backbone)).eval()

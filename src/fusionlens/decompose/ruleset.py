@@ -37,7 +37,7 @@ _ACTIVATION_OPS = """
 relu relu6 leaky_relu gelu silu sigmoid tanh elu selu celu softplus hardswish hardsigmoid hardtanh mish
 logsigmoid softsign tanhshrink hardshrink softshrink threshold clamp clip clamp_min clamp_max exp exp2 expm1 log
 log2 log10 log1p sqrt rsqrt square pow __pow__ __rpow__ reciprocal __rtruediv__ __rdiv__ sin cos erf
-erfc rrelu sinh cosh atan asinh
+erfc rrelu sinh cosh atan asinh log_sigmoid prelu special_expit special_erf special_erfc
 """
 _CONSTANT_OPS = "softmax log_softmax _softmax floor ceil round trunc sign sgn heaviside new_zeros new_ones new_full " \
                 "new_empty new_tensor zeros_like ones_like full_like empty_like rand_like randn_like randint_like"
