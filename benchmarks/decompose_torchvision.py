@@ -43,7 +43,10 @@ def build(name: str) -> torch.nn.Module:
         kwargs["image_size"] = image_size(name) // 16 * 16 if "_14" not in name else 56
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=True)
-    return torchvision.models.get_model(name, **kwargs)
+    model = torchvision.models.get_model(name, **kwargs)
+    if name.startswith("vit_"):  # torchvision starts the head at zero: the output would be all bias
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
 
 
 def run_one(name: str) -> dict:
