@@ -422,6 +422,8 @@ def _plain_leaf(x: Any) -> Any:
 
 
 def _wrap(out: Any, make: Callable[[torch.Tensor], Stream]) -> Any:
+    if isinstance(out, torch.Tensor):  # nearly every op: no pytree walk
+        return make(out) if carries_values(out) else out
     leaves, spec = tree_flatten(out)
     wrapped = [make(x) if carries_values(x) else x for x in leaves]
     return tree_unflatten(wrapped, spec)

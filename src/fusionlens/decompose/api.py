@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -162,13 +162,14 @@ def decompose(
     if engine.shapes_only:
         return Decomposition(None, _split_modalities(engine, out), engine.names[:-1], captures)
     total, components = _split_output(engine, out)
-    given = [bool((tensors[0] * (modality_mask == m)).any()) if modality_mask is not None else bool(t.any())
-             for m, t in enumerate(tensors if modality_mask is None else tensors * engine.num_modalities)]
+    def given(m: int) -> bool:  # whether modality m's input is non-zero (read only for an unreached modality)
+        return bool((tensors[0] * (modality_mask == m)).any() if modality_mask is not None else tensors[m].any())
+
     _warn_unreached(engine, out, engine.names[:-1], given)
     return Decomposition(total, components, engine.names, captures, engine.tape)
 
 
-def _warn_unreached(engine: Engine, out: Any, names: list[str], given: list[bool]) -> None:
+def _warn_unreached(engine: Engine, out: Any, names: list[str], given: Callable[[int], bool]) -> None:
     """Warn for each modality with a non-zero input that no output depends on through an op carrying its values:
     its component is zero everywhere and its whole effect sits in the bias, which no user should find out by
     chance. (A modality whose component is zero only because every activation on its path is off at this input
@@ -178,7 +179,7 @@ def _warn_unreached(engine: Engine, out: Any, names: list[str], given: list[bool
         if isinstance(leaf, Stream):
             reach |= leaf._fl_reach
     for i, name in enumerate(names):
-        if not given[i] or reach & (1 << i):
+        if reach & (1 << i) or not given(i):
             continue
         if i in engine.dropped:
             op, where = engine.dropped[i]
