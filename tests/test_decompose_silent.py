@@ -163,3 +163,25 @@ def test_names_with_dict_inputs():
     for bad in (["camera"], "camera", ["camera", "lidar", "radar"]):
         with pytest.raises(ValueError, match="one modality name per input of the dict"):
             decompose(Two().eval(), inputs, names=bad)
+
+
+def test_log_softmax_head_is_linearized_not_a_constant():
+    """A classifier ending in log_softmax: component m = h_m - <softmax(A), h_m> (its Jacobian at A), by hand --
+    before, log_softmax was a constant and the whole output went to the bias."""
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.logits = nn.Linear(6, 4)
+
+        def forward(self, camera, radar):
+            return torch.log_softmax(self.logits(torch.cat([camera, radar], -1)), dim=-1)
+
+    g = torch.Generator().manual_seed(0)
+    model = Classifier().double().eval()
+    cam, rad = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)
+    d = decompose(model, {"camera": cam, "radar": rad})
+    w = model.logits.weight
+    p = torch.softmax(model.logits(torch.cat([cam, rad], -1)), -1)
+    for name, h in (("camera", cam @ w[:, :4].T), ("radar", rad @ w[:, 4:].T)):
+        torch.testing.assert_close(d.components[name], h - (p * h).sum(-1, keepdim=True), rtol=0, atol=1e-12)
+    assert d.conservation_error().relative <= 1e-13

@@ -118,6 +118,22 @@ def homogeneous(engine: Any, func: Callable, args: tuple, kwargs: dict, total: t
     return torch.stack(out)
 
 
+def log_softmax(engine: Any, func: Callable, args: tuple, kwargs: dict, total: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(A) = A - logsumexp(A)`` (a classifier's log-probabilities, not attention weights): linearized
+    along its Jacobian at the operating point, component ``m`` is ``h_m - <p, h_m>`` with ``p = softmax(A)`` held
+    constant; the bias takes the rest, ``<p, A> - logsumexp(A)`` plus its own share. (Softmax itself stays a
+    constant: as attention weights it only steers the values.)"""
+    x = args[0]
+    dim = _arg(args, kwargs, 1, "dim")
+    if dim is None or isinstance(dim, Stream):
+        raise NotImplementedError(f"log_softmax without an explicit dim in {engine.where()}")
+    value = x.fl_total()
+    with torch._C.DisableTorchFunctionSubclass():
+        p = engine.coefficient(lambda: total.exp(), like=value)
+        parts = engine.parts(x)
+        return parts - (p * parts).sum(dim if dim < 0 else dim + 1, keepdim=True)
+
+
 def absolute(engine: Any, func: Callable, args: tuple, kwargs: dict, total: torch.Tensor) -> torch.Tensor:
     """``abs``: the magnitude of a complex tensor is homogeneous (:func:`homogeneous`); of a real one, an
     activation (Prop. 1)."""

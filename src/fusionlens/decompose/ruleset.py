@@ -39,7 +39,7 @@ logsigmoid softsign tanhshrink hardshrink softshrink threshold clamp clip clamp_
 log2 log10 log1p sqrt rsqrt square pow __pow__ __rpow__ reciprocal __rtruediv__ __rdiv__ sin cos erf
 erfc rrelu sinh cosh atan asinh log_sigmoid prelu special_expit special_erf special_erfc
 """
-_CONSTANT_OPS = "softmax log_softmax _softmax floor ceil round trunc sign sgn heaviside new_zeros new_ones new_full " \
+_CONSTANT_OPS = "softmax _softmax floor ceil round trunc sign sgn heaviside new_zeros new_ones new_full " \
                 "new_empty new_tensor zeros_like ones_like full_like empty_like rand_like randn_like randint_like"
 _SELECT_OPS = "max min amax amin topk sort kthvalue median maximum minimum fmax fmin"
 _POOL_OPS = "max_pool1d max_pool2d max_pool3d _max_pool1d _max_pool2d _max_pool3d max_pool1d_with_indices " \
@@ -70,7 +70,7 @@ def _table() -> dict[str, Callable]:
         "alpha_dropout": lin.dropout, "feature_alpha_dropout": lin.dropout,
         "multi_head_attention_forward": comp.multi_head_attention, "normalize": comp.normalize,
         "norm": comp.homogeneous, "linalg_vector_norm": comp.homogeneous, "abs": comp.absolute,
-        "__abs__": comp.absolute, "absolute": comp.absolute,
+        "__abs__": comp.absolute, "absolute": comp.absolute, "log_softmax": comp.log_softmax,
     })
     return table
 
