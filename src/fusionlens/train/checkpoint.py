@@ -5,7 +5,6 @@ exactly or to rebuild the model for evaluation, decomposition or pruning."""
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusionlens.io import atomic_torch_save
+from fusionlens.io import atomic_torch_save, load_torch_file
 from fusionlens.models import FusionModel, ModelConfig, build_model
 
 CHECKPOINT_FORMAT = "fusionlens-checkpoint-v1"
+_EXPECTED = f"a fusionlens checkpoint ({CHECKPOINT_FORMAT}, written by fusionlens train)"
 
 
 def rng_state() -> dict[str, Any]:
@@ -73,7 +73,7 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint (CPU tensors) and check its format."""
     path = _existing(path)
-    return _checked(torch.load(path, map_location="cpu", weights_only=False), path)
+    return _checked(load_torch_file(path, what="checkpoint", expected=_EXPECTED), path)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
@@ -81,7 +81,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
     a fingerprint of exactly the weights in the payload."""
     path = _existing(path)
     data = path.read_bytes()
-    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    payload = load_torch_file(path, what="checkpoint", expected=_EXPECTED, data=data)
     return _checked(payload, path), hashlib.sha1(data).hexdigest()
 
 
@@ -94,7 +94,13 @@ def _existing(path: str | Path) -> Path:
 
 def _checked(payload: Any, path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} is not a fusionlens checkpoint ({CHECKPOINT_FORMAT})")
+        if isinstance(payload, dict) and isinstance(payload.get("format"), str):
+            kind = f"a {payload['format']} file"
+        elif isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+            kind = f"a bare state dict ({len(payload)} tensors; e.g. camera weights)"
+        else:
+            kind = f"a PyTorch file holding a {type(payload).__name__}"
+        raise ValueError(f"checkpoint {path} is {kind}, not {_EXPECTED}")
     return payload
 
 
