@@ -9,13 +9,19 @@ import json
 import torch
 
 from fusionlens.cli.train import add_data_arguments, dataset_for
-from fusionlens.io import atomic_write_json
+from fusionlens.io import atomic_write_json, check_output_path
 from fusionlens.train.checkpoint import load_model
 from fusionlens.train.distributed import init_distributed
 from fusionlens.train.loop import check_dataset, evaluate
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.data == "kitti":
+        from fusionlens.cli.kitti import run_evaluate
+
+        return run_evaluate(args)
+    if args.out:
+        check_output_path("--out", args.out, inputs={"--checkpoint": args.checkpoint})
     device = torch.device(args.device)
     info = init_distributed(device)
     if device.type == "cuda":

@@ -6,7 +6,25 @@ import argparse
 from pathlib import Path
 
 from fusionlens.cli.train import add_data_arguments, dataset_for
+from fusionlens.io import check_output_dir
 from fusionlens.train.checkpoint import load_model
+
+
+def split_size(args: argparse.Namespace) -> int | None:
+    """The split size to open: ``--size``, else (generated data) just enough for the largest ``--samples``, which
+    may not exceed the split's default size -- a typo such as ``--samples 100000000`` would otherwise start
+    generating 10^8 samples."""
+    if any(i < 0 for i in args.samples):
+        raise ValueError(f"--samples must be >= 0, got {args.samples}")
+    if args.size is not None or args.data == "nuscenes":
+        return args.size
+    from fusionlens.data.builtin import DEFAULT_SPLIT_SIZES
+
+    limit = DEFAULT_SPLIT_SIZES[args.split]
+    if max(args.samples) >= limit:
+        raise ValueError(f"--samples {max(args.samples)} is beyond the {limit} samples of the default {args.split} "
+                         f"split; pass --size to generate a larger split (every sample up to the index is made)")
+    return max(args.samples) + 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -15,10 +33,11 @@ def run(args: argparse.Namespace) -> int:
     from fusionlens.io import atomic_write_json
     from fusionlens.viz import explanation_figure
 
+    check_output_dir("--out", args.out)
+    size = split_size(args)
     model, _ = load_model(args.checkpoint)
     if args.layer not in dict(model.named_modules()):
         raise ValueError(f"--layer {args.layer!r} is not a module of the model (e.g. fusion, decoder, heads.seg)")
-    size = args.size if args.size is not None else max(args.samples) + 1
     dataset = dataset_for(args, args.split, size, model.config)
     bad = [i for i in args.samples if not 0 <= i < len(dataset)]
     if bad:

@@ -7,10 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from fusionlens.cli.train import finite_float
+
 
 def _camera(args: argparse.Namespace) -> int:
+    from fusionlens.io import check_output_path
     from fusionlens.train.camera_pretrain import CameraPretrainConfig, pretrain_camera
 
+    check_output_path("--out", args.out, sidecar_suffixes=(".json",), sidecars=(f"{args.out}.state.pt",))
     config = CameraPretrainConfig(
         depth=args.depth, image_size=tuple(args.image_size), world_seed=args.data_seed, frames=args.frames,
         val_frames=args.val_frames, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -36,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-frames", type=int, default=32)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=4, help="frames per step")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=finite_float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--restart", action="store_true", help="ignore a partial run's state file")
     p.add_argument("--overwrite", action="store_true", help="replace a finished trunk made with other settings")

@@ -15,14 +15,20 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from fusionlens.cli.train import add_data_arguments, dataset_for
-from fusionlens.io import atomic_torch_save, atomic_write_json
+from fusionlens.cli.train import add_data_arguments, dataset_for, finite_float
+from fusionlens.experiments.reference import (
+    CALIBRATION_INPUTS,
+    example_inputs,
+    load_reference,
+    reference_loss,
+    save_pruned,
+)
+from fusionlens.io import atomic_torch_save, atomic_write_json, check_output_path, check_same_source
 from fusionlens.prune.altermoma import DEFAULT_REACTIVATION_LR, DEFAULT_REACTIVATION_STEPS
 from fusionlens.prune.api import METHOD_OPTIONS, METHODS, build_importance, prune
 from fusionlens.prune.cost import cost_report
 from fusionlens.prune.params import check_sparsity, prunable_parameters, resolve_groups
 from fusionlens.prune.pruner import finetune
-from fusionlens.prune.reference import CALIBRATION_INPUTS, example_inputs, load_reference, reference_loss, save_pruned
 from fusionlens.prune.structured import structured_prune
 
 # CLI flag -> (method, option name)
@@ -63,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
     if args.finetune_steps < 0 or args.batch_size < 1:
         raise ValueError("--finetune-steps must be >= 0 and --batch-size >= 1")
     opts = method_options(args)
+    out = Path(args.out or f"out/pruned/{args.method}_{sparsity:g}{'_structured' if args.structured else ''}.pt")
+    check_output_path("--out", out, inputs={"--checkpoint": args.checkpoint}, sidecar_suffixes=(".json",))
+    if args.out is None:
+        check_same_source("--out", out, out.with_suffix(".json"), args.checkpoint)
     model, payload = load_reference(args.checkpoint)  # missing file / another architecture: clear error
     if args.method == "altermoma":
         resolve_groups(model)
@@ -83,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
     )
     ex = example_inputs(model, next(iter(DataLoader(train_set, batch_size=1, collate_fn=collate_samples))))
     loss_fn = reference_loss()
-    out = Path(args.out or f"out/pruned/{args.method}_{sparsity:g}{'_structured' if args.structured else ''}.pt")
     report: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
         "method": args.method,
@@ -151,7 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=METHODS, default="altermoma")
     p.add_argument(
         "--sparsity",
-        type=float,
+        type=finite_float,
         default=0.85,
         help="fraction of prunable weights removed, in [0, 1) (channel ratio with --structured)",
     )
@@ -162,15 +171,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="pruned checkpoint (default out/pruned/<method>_<sparsity>.pt); the JSON report goes next to it",
     )
     p.add_argument("--finetune-steps", type=int, default=200)
-    p.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam learning rate (the paper's 1e-4)")
+    p.add_argument("--finetune-lr", type=finite_float, default=1e-4, help="Adam learning rate (the paper's 1e-4)")
     p.add_argument("--batch-size", type=int, default=2, help="the paper's batch size")
     p.add_argument("--train-size", type=int, default=None, help="training samples (generated data)")
     p.add_argument("--val-size", type=int, default=None, help="validation samples for IoU (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("method options (default: each method's documented default)")
-    g.add_argument("--alpha", type=float, default=None, help="AlterEva weight of DeCI (1)")
-    g.add_argument("--beta", type=float, default=None, help="AlterEva weight of ReRI (1)")
+    g.add_argument("--alpha", type=finite_float, default=None, help="AlterEva weight of DeCI (1)")
+    g.add_argument("--beta", type=finite_float, default=None, help="AlterEva weight of ReRI (1)")
     g.add_argument(
         "--reactivation-steps",
         type=int,
@@ -179,7 +188,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--reactivation-lr",
-        type=float,
+        type=finite_float,
         default=None,
         help=f"AlterMOMA reactivation SGD learning rate ({DEFAULT_REACTIVATION_LR:g})",
     )
@@ -188,6 +197,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--synflow-iterations", type=int, default=None)
     g.add_argument("--snip-batches", type=int, default=None)
     g.add_argument("--prospr-steps", type=int, default=None, help="ProsPr inner steps (3)")
-    g.add_argument("--prospr-lr", type=float, default=None, help="ProsPr inner SGD learning rate (0.5)")
+    g.add_argument("--prospr-lr", type=finite_float, default=None, help="ProsPr inner SGD learning rate (0.5)")
     add_data_arguments(p)
     p.set_defaults(func=run)

@@ -5,27 +5,41 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import math
 from typing import Any
 
+from fusionlens.io import check_output_path
 from fusionlens.models import PRESETS, ModelConfig, preset_config
 from fusionlens.train.data import DATA_KINDS, open_dataset
-from fusionlens.train.loop import TrainConfig, train
+from fusionlens.train.loop import TrainConfig, read_resumable, train
+
+
+def finite_float(text: str) -> float:
+    """argparse type of a float option: ``nan`` and ``inf`` are refused at parsing (NaN compares False with every
+    bound, so a later ``>= 0`` check would let it through and e.g. silently switch gradient clipping off)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Dataset options shared by ``train`` and ``evaluate``."""
-    parser.add_argument("--data", choices=DATA_KINDS, default="builtin", help="dataset (default: the built-in world)")
+    parser.add_argument("--data", choices=(*DATA_KINDS, "kitti"), default="builtin",
+                        help="dataset (default: the built-in world; kitti: a KITTI-layout folder at --dataroot)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the built-in world / synthetic data")
     try:
         from fusionlens.data.nuscenes import add_cli_arguments
     except ImportError:  # the nuScenes extra is optional
+        parser.add_argument("--dataroot", type=str, default=None, help="dataset folder (--data kitti)")
         return
     add_cli_arguments(parser)
 
 
 def dataset_for(args: argparse.Namespace, split: str, size: int | None, config: ModelConfig) -> Any:
     """The dataset the options name, on the model's grid."""
+    if args.data == "kitti":
+        raise ValueError("--data kitti is read by 'fusionlens train --model avod' and 'fusionlens evaluate' only")
     if args.data == "nuscenes":
         from fusionlens.data.nuscenes import dataset_from_args
 
@@ -62,10 +76,26 @@ def model_config_from_args(args: argparse.Namespace, data_grid: Any = None) -> M
         overrides["point_encoders"] = encoders
     if getattr(args, "task", "segmentation") != "segmentation":
         overrides["extra_heads"] = {"centerpoint": {}}
-    return preset_config(args.preset, args.modalities, **overrides)
+    return preset_config(args.preset, args.modalities or "camera,radar", **overrides)
+
+
+def _check_input_files(config: ModelConfig, init_from: dict[str, str], resume: bool) -> None:
+    """Read every file the run will load (camera weights, --init-from checkpoints) before any data are built."""
+    from fusionlens.train.checkpoint import load_checkpoint
+
+    if config.camera_weights is not None and "camera" in config.modalities and not resume:
+        from fusionlens.models.camera import read_camera_weights
+
+        read_camera_weights(config.camera_weights, config.camera_depth)
+    for path in init_from.values():
+        load_checkpoint(path)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model == "avod" or args.data == "kitti":
+        from fusionlens.cli.kitti import run_train
+
+        return run_train(args)
     tcfg = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -81,9 +111,14 @@ def run(args: argparse.Namespace) -> int:
         task=args.task,
     )
     init_from = _parse_kv(args.init_from or [], "--init-from")
-    if Path(args.out).exists() and not (args.resume or args.overwrite):
+    inputs = {"--camera-weights": args.camera_weights, **{f"--init-from {m}": p for m, p in init_from.items()}}
+    out = check_output_path("--out", args.out, inputs=inputs, sidecar_suffixes=(".metrics.json",))
+    if out.exists() and not (args.resume or args.overwrite):
         raise ValueError(f"--out {args.out} exists: pass --resume to continue that run or --overwrite to replace it")
+    if args.resume:
+        read_resumable(out)  # a file that cannot be resumed is refused before the data are built
     config = model_config_from_args(args)
+    _check_input_files(config, init_from, resume=args.resume)
     train_set = dataset_for(args, "train", args.train_size, config)
     grid = train_set[0].grid
     if grid != config.grid:  # train on the data's grid (the preset only sizes the network)
@@ -123,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a reference fusion model (SimpleBEV-style)", description=__doc__)
-    p.add_argument("--modalities", default="camera,radar", help="comma-separated subset of camera,radar,lidar")
+    p.add_argument("--modalities", default=None,
+                   help="comma-separated subset of camera,radar,lidar (default camera,radar; avod: camera,lidar)")
     p.add_argument("--preset", choices=PRESETS, default="tiny", help="model size (tiny: minutes on a CPU)")
     p.add_argument(
         "--camera-depth",
@@ -138,9 +174,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=4, help="per process")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--grad-clip", type=float, default=5.0)
+    p.add_argument("--lr", type=finite_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=finite_float, default=1e-4)
+    p.add_argument("--grad-clip", type=finite_float, default=5.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-size", type=int, default=None, help="number of training samples (generated data)")
     p.add_argument("--val-size", type=int, default=None, help="number of validation samples (0: no validation)")
@@ -162,4 +198,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--point-encoder", action="append", metavar="MODALITY=NAME",
                    help="point backbone per modality, e.g. lidar=pillars (default: raster)")
     add_data_arguments(p)
+    from fusionlens.cli.kitti import add_train_arguments
+
+    add_train_arguments(p)
     p.set_defaults(func=run)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import warnings
 
 from fusionlens.data.sample import BEVGrid
+from fusionlens.io import check_output_dir
 from fusionlens.world.config import WorldConfig
 from fusionlens.world.generate import SPLITS
 
@@ -54,9 +55,14 @@ def _generate(args: argparse.Namespace) -> int:
     from fusionlens.data.builtin import BuiltinWorld
 
     cfg = config_from_args(args)
-    ds = BuiltinWorld(args.split, size=args.size, config=cfg, seed=args.seed, cache_dir=args.cache_dir,
-                      shard_size=args.shard_size, workers=args.workers, progress=not args.quiet)
-    print(f"{args.split}: {len(ds)} samples cached in {ds.split_dir}")
+    with warnings.catch_warnings():  # the damaged shards' warning: printed below, one line each
+        warnings.simplefilter("ignore")
+        ds = BuiltinWorld(args.split, size=args.size, config=cfg, seed=args.seed, cache_dir=args.cache_dir,
+                          shard_size=args.shard_size, workers=args.workers, progress=not args.quiet)
+    for path, why in ds.repaired:
+        print(f"repaired {path}: {why}")
+    print(f"{args.split}: {len(ds)} samples cached in {ds.split_dir}"
+          + (f" ({len(ds.repaired)} damaged shard(s) regenerated)" if ds.repaired else ""))
     return 0
 
 
@@ -67,7 +73,7 @@ def _show(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if any(i < 0 for i in args.index):
         raise ValueError(f"--index values must be >= 0, got {args.index}")
-    out = Path(args.out)
+    out = check_output_dir("--out", args.out)
     for i in args.index:
         path = plot_sample(generate_sample(cfg, args.seed, args.split, i), out / f"world-{args.split}-{i:05d}.png")
         print(path)

@@ -11,18 +11,29 @@ Interface::
 
 Sample ``i`` of a split is ``fusionlens.world.generate_sample(config, seed, split, i)`` whatever ``size`` is, so
 splits of different sizes share their shards. Layout: ``<cache>/world/<config-hash>-seed<seed>/manifest.json``
-and ``<split>/shard-<start>-<stop>.pt`` (images stored as uint8). Shards are written atomically, so an
-interrupted generation leaves only whole shards and the next run generates just the missing ones; a shard that
-cannot be read raises an error naming its file. The cache root is ``$FUSIONLENS_CACHE`` or
-``~/.cache/fusionlens``. Shards are memory-mapped on load, so DataLoader workers share pages instead of copies.
+and ``<split>/shard-<start>-<stop>.pt`` (images stored as uint8), each with the SHA-256 of its bytes recorded at
+write time in ``shard-<start>-<stop>.sha256`` (``sha256sum -c`` format). Shards are written atomically, so an
+interrupted generation leaves only whole shards and the next run generates just the missing ones. Generation
+verifies every existing shard against its checksum and regenerates a truncated or corrupted one (or one without a
+checksum), listing it in ``repaired`` and in a warning; reading a shard whose bytes no longer match raises an error
+naming its file and the fix. Generation workers end with the process that started them, even when it is killed.
+The cache root is ``$FUSIONLENS_CACHE`` or ``~/.cache/fusionlens``. Shards are memory-mapped on load, so DataLoader
+workers share pages instead of copies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import io
 import json
 import os
+import signal
+import sys
 import tempfile
+import threading
+import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,7 +45,7 @@ from tqdm.auto import tqdm
 
 from fusionlens.data.collate import batch_loader, collate_samples
 from fusionlens.data.sample import Sample
-from fusionlens.io import atomic_torch_save, atomic_write_json
+from fusionlens.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
 from fusionlens.world.config import WorldConfig
 from fusionlens.world.generate import SPLITS, generate_sample
 
@@ -71,15 +82,75 @@ def _unpack(row: dict[str, Any], config: WorldConfig) -> Sample:
                   grid=config.grid, meta=dict(row["meta"]), **{k: row[k] for k in _TENSOR_FIELDS})
 
 
+def checksum_path(shard: Path) -> Path:
+    """Where the SHA-256 of ``shard`` is recorded."""
+    return shard.with_suffix(".sha256")
+
+
 def _write_shard(args: tuple[dict[str, Any], int, str, int, int, str]) -> int:
-    """Generate samples [start, stop) of a split and write them atomically (runs in worker processes)."""
+    """Generate samples [start, stop) of a split and write them atomically, then their checksum (runs in worker
+    processes). The checksum is written second: a shard without one is taken as unfinished and made again."""
     cfg_dict, seed, split, start, stop, path = args
     cfg = WorldConfig.from_dict(cfg_dict)
     torch.set_num_threads(1)
     rows = [_pack(generate_sample(cfg, seed, split, i)) for i in range(start, stop)]
-    atomic_torch_save(path, {"format": FORMAT_VERSION, "split": split, "seed": seed, "start": start,
-                             "stop": stop, "samples": rows})
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT_VERSION, "split": split, "seed": seed, "start": start, "stop": stop,
+                "samples": rows}, buffer)
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    atomic_write_text(checksum_path(Path(path)), f"{sha256_bytes(data)}  {Path(path).name}\n")
     return stop - start
+
+
+def _recorded_sha256(shard: Path) -> str | None:
+    try:
+        return checksum_path(shard).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def shard_problem(shard: Path) -> str | None:
+    """Why the shard file ``shard`` cannot be trusted (``None``: it matches the checksum recorded at write time)."""
+    recorded = _recorded_sha256(shard)
+    if recorded is None:
+        return "no checksum recorded (an interrupted or older generation)"
+    if sha256_file(shard) != recorded:
+        return (f"truncated or corrupted ({shard.stat().st_size} bytes; its SHA-256 differs from the one in "
+                f"{checksum_path(shard).name})")
+    return None
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _watch_parent(parent: int, parent_ppid: int) -> None:
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        if os.getppid() != parent_ppid:  # re-parented: the parent died (it may linger as a zombie)
+            os._exit(1)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: end this worker when ``parent`` (the process that runs the pool) dies -- even by SIGKILL,
+    which leaves it no chance to shut the pool down and would leave workers blocked forever on their queue. On
+    Linux the kernel signals the worker (``prctl(PR_SET_PDEATHSIG)``); a polling thread covers other systems."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    ppid = os.getppid()
+    if ppid == parent:  # started directly by the parent (fork/spawn); with a forkserver it is not
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:  # died before the signal was armed
+            os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent, ppid), daemon=True, name="watch-parent").start()
 
 
 def _check_writable(directory: Path) -> None:
@@ -117,6 +188,8 @@ class BuiltinWorld(Dataset):
         self.root = base / "world" / config_key(self.config, self.seed)
         self.split_dir = self.root / split
         self._open: dict[int, list[dict[str, Any]]] = {}
+        self._verified: set[int] = set()  # starts of shards checked against their checksum in this process
+        self.repaired: list[tuple[Path, str]] = []
         if generate:
             self.generate(workers=workers, progress=progress)
 
@@ -130,9 +203,28 @@ class BuiltinWorld(Dataset):
     def missing_shards(self) -> list[tuple[int, int]]:
         return [r for r in self.shard_ranges() if not self.shard_path(*r).is_file()]
 
+    def damaged_shards(self) -> dict[tuple[int, int], str]:
+        """Existing shards whose bytes do not match their recorded checksum: range -> what is wrong."""
+        found = {}
+        for r in self.shard_ranges():
+            path = self.shard_path(*r)
+            if path.is_file():
+                problem = shard_problem(path)
+                if problem is None:
+                    self._verified.add(r[0])
+                else:
+                    found[r] = problem
+        return found
+
     def generate(self, workers: int | None = None, progress: bool = True) -> int:
-        """Generate every missing shard (in ``workers`` processes; 0 = in this process). Returns samples made."""
-        missing = self.missing_shards()
+        """Generate every missing shard and regenerate every damaged one (in ``workers`` processes; 0 = in this
+        process); the damaged ones are listed in ``self.repaired`` and a warning. Returns samples made."""
+        damaged = self.damaged_shards()
+        self.repaired = [(self.shard_path(*r), why) for r, why in damaged.items()]
+        if damaged:
+            warnings.warn("regenerating damaged cache shard(s): "
+                          + "; ".join(f"{p}: {why}" for p, why in self.repaired), stacklevel=2)
+        missing = sorted([*self.missing_shards(), *damaged])
         if not missing:
             return 0
         _check_writable(self.split_dir)
@@ -147,11 +239,13 @@ class BuiltinWorld(Dataset):
                 for job in jobs:
                     bar.update(_write_shard(job))
             else:
-                with ProcessPoolExecutor(max_workers=n_workers) as pool:
+                with ProcessPoolExecutor(max_workers=n_workers, initializer=_die_with_parent,
+                                         initargs=(os.getpid(),)) as pool:
                     for done in pool.map(_write_shard, jobs):
                         bar.update(done)
         finally:
             bar.close()
+        self._verified.update(a for a, _ in missing)
         return total
 
     def _write_manifest(self) -> None:
@@ -173,6 +267,13 @@ class BuiltinWorld(Dataset):
             path = self.shard_path(start, stop)
             if not path.is_file():
                 raise FileNotFoundError(f"cache shard {path} is missing; construct the dataset with generate=True")
+            if start not in self._verified:
+                problem = shard_problem(path)
+                if problem is not None:
+                    raise ValueError(f"corrupt cache shard {path}: {problem}; repair it with fusionlens world "
+                                     f"generate --split {self.split} --seed {self.seed} (same world options) or "
+                                     "by constructing the dataset with generate=True")
+                self._verified.add(start)
             try:
                 data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # any unpickling/zip error means the file is damaged

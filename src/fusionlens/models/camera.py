@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 
 from fusionlens.data.sample import BEVGrid
+from fusionlens.io import load_torch_file
 
 # channels of (layer2, layer3) of each torchvision ResNet depth
 _TRUNK_CHANNELS: dict[int, tuple[int, int]] = {
@@ -43,18 +44,7 @@ class CameraEncoder(nn.Module):
             raise ValueError(f"camera_depth must be one of {sorted(_TRUNK_CHANNELS)}, got {depth}")
         resnet = getattr(torchvision.models, f"resnet{depth}")(weights=None)
         if weights is not None:
-            path = Path(weights)
-            if not path.is_file():
-                raise FileNotFoundError(f"camera_weights: no such file {path}")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            # layer4 and fc are not part of the trunk: a full torchvision state dict and a trunk-only one
-            # (``trunk_state_dict``, what ``fusionlens pretrain camera`` writes) both load
-            state = {k: v for k, v in state.items() if not k.startswith(_UNUSED_PREFIXES)}
-            missing, unexpected = resnet.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.startswith(_UNUSED_PREFIXES)]
-            if missing or unexpected:
-                raise ValueError(f"camera_weights {path} is not a resnet{depth} state dict: "
-                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            resnet.load_state_dict(read_camera_weights(weights, depth, resnet), strict=False)
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1)
         self.layer2 = resnet.layer2
         self.layer3 = resnet.layer3
@@ -77,6 +67,30 @@ class CameraEncoder(nn.Module):
         f3 = self.layer3(f2)
         up = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
         return self.project(self.merge(torch.cat([f2, up], dim=1)))
+
+
+def read_camera_weights(path: str | Path, depth: int, resnet: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The trunk (conv1 .. layer3) tensors of a local torchvision ResNet state dict file, checked against
+    ``resnet{depth}``: ``ValueError`` naming the file when it is not a state dict (a full training checkpoint, JSON,
+    random bytes) or not one of that depth. Called by the CLI before any work, and by :class:`CameraEncoder`."""
+    path = Path(path)
+    expected = f"a torchvision resnet{depth} state dict (e.g. written by fusionlens pretrain camera)"
+    state = load_torch_file(path, what="camera_weights", expected=expected, weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"camera_weights {path} holds a {type(state).__name__} that is not only tensors, "
+                         f"not {expected}")
+    # layer4 and fc are not part of the trunk: a full torchvision state dict and a trunk-only one
+    # (``trunk_state_dict``, what ``fusionlens pretrain camera`` writes) both load
+    state = {k: v for k, v in state.items() if not k.startswith(_UNUSED_PREFIXES)}
+    if resnet is None:
+        resnet = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    ours = {k: v for k, v in resnet.state_dict().items() if not k.startswith(_UNUSED_PREFIXES)}
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    shapes = [k for k in set(ours) & set(state) if ours[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"camera_weights {path} is not a resnet{depth} state dict: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes {sorted(shapes)[:5]}")
+    return state
 
 
 def trunk_state_dict(encoder: CameraEncoder) -> dict[str, torch.Tensor]:

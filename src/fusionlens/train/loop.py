@@ -10,6 +10,7 @@ would, and together with the restored RNG, optimizer and scheduler state reprodu
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ class TrainConfig:
         for name in ("steps", "batch_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "pct_start", "grad_clip"):  # NaN compares False with everything
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"TrainConfig.{name} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
         if not 0 < self.pct_start < 1:
@@ -204,6 +208,25 @@ def evaluate(
     return merged.compute()
 
 
+def read_resumable(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` if a run can resume from it: a fusionlens training checkpoint with its optimizer,
+    scheduler, training config and RNG state (a pruned or exported one has none); ``ValueError`` naming the file
+    otherwise, ``FileNotFoundError`` when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    payload = load_checkpoint(path)
+    lacking = [k for k in ("optimizer", "scheduler", "train_config", "rng") if not payload.get(k)]
+    if lacking:
+        pruned = "pruning" in (payload.get("extra") or {})
+        kind = "a pruned checkpoint (written by fusionlens prune)" if pruned else "a checkpoint"
+        raise ValueError(
+            f"--resume: {path} is {kind} without the training state a resume needs ({', '.join(lacking)}); "
+            "resume only a checkpoint written by fusionlens train, or start a new run with another --out"
+        )
+    return payload
+
+
 def _check_resume(
     payload: dict[str, Any], model_config: ModelConfig, train_config: TrainConfig, info: DistInfo, path: Path
 ) -> None:
@@ -255,8 +278,9 @@ def train(
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    if resume and (ckpt_path is None or not ckpt_path.is_file()):
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    if resume and ckpt_path is None:
+        raise ValueError("resume=True needs the checkpoint to resume from")
+    payload = read_resumable(ckpt_path) if resume else None  # type: ignore[arg-type]
     check_dataset(train_set, model_config, "training")
     if val_set is not None:
         check_dataset(val_set, model_config, "validation")
@@ -273,8 +297,7 @@ def train(
     use_amp = train_config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start, losses = 0, []
-    if resume:
-        payload = load_checkpoint(ckpt_path)  # type: ignore[arg-type]
+    if payload is not None:
         _check_resume(payload, model_config, train_config, info, ckpt_path)  # type: ignore[arg-type]
         load_model_state(model, payload, source=str(ckpt_path))
         optimizer.load_state_dict(payload["optimizer"])
