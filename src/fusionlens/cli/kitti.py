@@ -1,0 +1,114 @@
+"""``fusionlens kitti export``: write the built-in world as a KITTI 3-D object split; and the KITTI paths of
+``fusionlens train --data kitti --model avod`` / ``fusionlens evaluate --data kitti`` (the two-stage AVOD-style
+detector on a KITTI-layout folder, evaluated by the benchmark's rules)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fusionlens.io import atomic_write_json
+
+KITTI_MODALITIES = ("camera", "lidar")
+
+
+def _modalities(text: str | None) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in (text or "camera,lidar").split(",") if m.strip())
+    bad = [m for m in names if m not in KITTI_MODALITIES]
+    if bad or not names:
+        raise ValueError(f"--modalities for the KITTI detector: {bad or 'none'}; choose from camera,lidar")
+    return names
+
+
+def _classes(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def _dataroot(args: argparse.Namespace) -> str:
+    if not getattr(args, "dataroot", None):
+        raise ValueError("--data kitti needs --dataroot (the folder with training/ and ImageSets/; "
+                         "'fusionlens kitti export' writes one from the built-in world)")
+    return args.dataroot
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``fusionlens train --data kitti --model avod``."""
+    from fusionlens.data.kitti import KittiDataset
+    from fusionlens.models.avod import avod_preset
+    from fusionlens.train.avod import evaluate_avod, train_avod
+
+    if getattr(args, "data", "kitti") != "kitti":
+        raise ValueError("--model avod trains on KITTI-layout data: pass --data kitti --dataroot PATH")
+    classes = _classes(args.classes)
+    cfg = avod_preset(args.preset, modalities=_modalities(args.modalities), classes=classes,
+                      anchor_sizes=tuple((1.6, 3.9, 1.56) if c == "Car" else (0.6, 0.8, 1.73) for c in classes),
+                      anchor_z=tuple(-0.9 for _ in classes))
+    root = _dataroot(args)
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"--out {args.out} exists: pass --overwrite to replace it")
+    train_set = KittiDataset(root, "train", classes=classes)
+    val_set = KittiDataset(root, "val", classes=classes) if (Path(root) / "ImageSets" / "val.txt").is_file() \
+        and args.val_size != 0 else None
+    model, info = train_avod(cfg, train_set, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             weight_decay=args.weight_decay, seed=args.seed, checkpoint=args.out,
+                             progress=not args.no_progress)
+    summary = {"checkpoint": str(args.out), **info}
+    if val_set is not None:
+        summary["val"] = evaluate_avod(model, val_set).to_dict()
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``fusionlens evaluate --data kitti --dataroot PATH --checkpoint CKPT``."""
+    from fusionlens.data.kitti import KittiDataset
+    from fusionlens.train.avod import evaluate_avod, load_avod
+
+    model, payload = load_avod(args.checkpoint)
+    dataset = KittiDataset(_dataroot(args), args.split, classes=model.cfg.classes)
+    result = evaluate_avod(model, dataset, batch_size=args.batch_size,
+                           recall_points=getattr(args, "recall_points", 40))
+    report = {"checkpoint": str(args.checkpoint), "split": args.split, "samples": len(dataset),
+              "step": payload.get("step"), "modalities": list(model.cfg.modalities), "kitti": result.to_dict()}
+    if args.out:
+        atomic_write_json(args.out, report)
+    print(result.table())
+    print(json.dumps(report, default=str))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from fusionlens.world.kitti_export import EXPORT_CONFIG, export_kitti
+
+    cfg = EXPORT_CONFIG if args.image_size is None else EXPORT_CONFIG.with_(image_size=tuple(args.image_size))
+    sizes = {k: v for k, v in (("train", args.train), ("val", args.val), ("test", args.test)) if v}
+    root = export_kitti(args.out, sizes, cfg=cfg, seed=args.seed, dontcare_beyond=args.dontcare_beyond,
+                        progress=not args.no_progress)
+    print(json.dumps({"root": str(root), "frames": sizes, "image_size": list(cfg.image_size)}))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("kitti", help="KITTI-layout data from the built-in world", description=__doc__)
+    sub = p.add_subparsers(dest="kitti_command", required=True)
+    e = sub.add_parser("export", help="write the world's front camera + LiDAR as a KITTI 3-D object split")
+    e.add_argument("--out", required=True, help="new or empty folder (a folder written with the same settings is "
+                                                "completed, one with other settings refused)")
+    e.add_argument("--train", type=int, default=200, help="frames of the world's train split")
+    e.add_argument("--val", type=int, default=50, help="frames of the world's val split")
+    e.add_argument("--test", type=int, default=0, help="frames of the world's test split")
+    e.add_argument("--seed", type=int, default=0, help="world seed")
+    e.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="front camera size (default 128 224)")
+    e.add_argument("--dontcare-beyond", type=float, default=50.0, help="objects farther ahead become DontCare")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=run_export)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options ``fusionlens train`` adds for the KITTI detector."""
+    parser.add_argument("--model", choices=("bev", "avod"), default="bev",
+                        help="bev: the BEV fusion model (default); avod: the two-stage camera-LiDAR detector "
+                             "(with --data kitti)")
+    parser.add_argument("--classes", default="Car,Pedestrian", help="KITTI classes the AVOD detector learns")
