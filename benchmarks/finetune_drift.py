@@ -12,8 +12,8 @@ import argparse
 import torch
 
 from fusionlens.data import batch_loader
+from fusionlens.experiments.reference import load_reference, reference_loss
 from fusionlens.prune.pruner import finetune
-from fusionlens.prune.reference import load_reference, reference_loss
 from fusionlens.train.data import open_dataset
 from fusionlens.train.loop import evaluate
 

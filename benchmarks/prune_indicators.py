@@ -12,10 +12,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from fusionlens.data.collate import collate_samples
+from fusionlens.experiments.reference import load_reference, reference_loss
 from fusionlens.prune.altermoma import AlterMOMA
 from fusionlens.prune.params import prunable_parameters, resolve_groups
 from fusionlens.prune.pruner import global_masks
-from fusionlens.prune.reference import load_reference, reference_loss
 from fusionlens.train.data import open_dataset
 
 

@@ -17,10 +17,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from fusionlens.data.collate import collate_samples
+from fusionlens.experiments.reference import example_inputs, load_reference
 from fusionlens.prune.baselines import MagnitudeImportance
 from fusionlens.prune.cost import count_flops, count_parameters
 from fusionlens.prune.params import call_model, prunable_parameters
-from fusionlens.prune.reference import example_inputs, load_reference
 from fusionlens.prune.structured import structured_prune
 from fusionlens.train.data import open_dataset
 

@@ -20,7 +20,7 @@ import argparse
 import itertools
 from typing import Any
 
-from fusionlens.prune.reproduce import ReproduceConfig, Runner
+from fusionlens.experiments.altermoma import ReproduceConfig, Runner
 
 
 def parse_grid(text: str) -> list[dict[str, Any]]:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fusionlens.cli import main
+from fusionlens.experiments.altermoma import ReproduceConfig, Runner
 from fusionlens.prune.api import METHODS, build_importance, prune
-from fusionlens.prune.reproduce import ReproduceConfig, Runner
 from prune_tiny import TinyFusion, make_batches, tiny_loss
 
 
@@ -110,8 +110,8 @@ def test_runner_cells_are_atomic_and_resume(tmp_path: Path) -> None:
 
 
 def test_summary_tables_and_plot(tmp_path: Path) -> None:
+    from fusionlens.experiments.altermoma_report import plot_ablation, summarise
     from fusionlens.io import atomic_write_json
-    from fusionlens.prune.report import plot_ablation, summarise
 
     for seed, iou in ((0, 0.2), (1, 0.3)):
         atomic_write_json(

@@ -186,7 +186,7 @@ def _pillars_model() -> tuple[nn.Module, dict]:
     from fusionlens.data.collate import collate_samples
     from fusionlens.data.sample import BEVGrid
     from fusionlens.models import build_model, preset_config
-    from fusionlens.prune.reference import example_inputs
+    from fusionlens.experiments.reference import example_inputs
     from fusionlens.train.synthetic import SyntheticDataset
 
     grid = BEVGrid(((-16.0, 16.0), (-16.0, 16.0), (-3.0, 3.0)), (16, 16, 2))

@@ -30,7 +30,8 @@ def _strs(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(";") if v.strip())
 
 
-ALTERMOMA_DESCRIPTION = """AlterMOMA's pruning tables on the built-in world, resumably (fusionlens.prune.reproduce).
+ALTERMOMA_DESCRIPTION = """AlterMOMA's pruning tables on the built-in world, resumably
+(fusionlens.experiments.altermoma).
 
 The reference models are, by default, fusion models initialised from separately pre-trained single-modality
 backbones (--recipe pretrained, issue 8: a world-pretrained camera trunk, single-modality models, then the fusion
@@ -50,8 +51,8 @@ raster / ResNet-18 cells stay in OUT itself. results.md and ablation.png are wri
 
 
 def altermoma_config(args: argparse.Namespace) -> Any:
-    """The :class:`~fusionlens.prune.reproduce.ReproduceConfig` the command-line options describe."""
-    from fusionlens.prune.reproduce import ReproduceConfig
+    """The :class:`~fusionlens.experiments.altermoma.ReproduceConfig` the command-line options describe."""
+    from fusionlens.experiments.altermoma import ReproduceConfig
 
     cfg = ReproduceConfig(
         out_dir=args.out,
@@ -86,8 +87,8 @@ def altermoma_config(args: argparse.Namespace) -> Any:
 
 
 def run_altermoma(args: argparse.Namespace) -> int:
-    from fusionlens.prune.report import plot_ablation, summarise
-    from fusionlens.prune.reproduce import Runner
+    from fusionlens.experiments.altermoma import Runner
+    from fusionlens.experiments.altermoma_report import plot_ablation, summarise
 
     cfg = altermoma_config(args)
     runner = Runner(cfg, progress=not args.no_progress)
@@ -103,7 +104,7 @@ def run_altermoma(args: argparse.Namespace) -> int:
 def run_lmd(args: argparse.Namespace) -> int:
     import torch
 
-    from fusionlens.evaluate.reproduce_lmd import LMDReproduceConfig, LMDRunner, summarise
+    from fusionlens.experiments.lmd import LMDReproduceConfig, LMDRunner, summarise
     from fusionlens.train.distributed import init_distributed
 
     cfg = LMDReproduceConfig(
@@ -197,7 +198,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lmd = sub.add_parser(
         "lmd",
         help="LMD Tables 1-4 and ground-truth attribution (resumable)",
-        description="LMD paper tables on the built-in world; see fusionlens.evaluate.reproduce_lmd",
+        description="LMD paper tables on the built-in world; see fusionlens.experiments.lmd",
     )
     lmd.add_argument("--out", default="out/reproduce/lmd", help="cells and results.md")
     lmd.add_argument("--checkpoints", default="out/checkpoints", help="folder of tiny_<pair>[_seed<s>].pt")

@@ -1,6 +1,6 @@
 """``fusionlens reproduce altermoma``: the AlterMOMA tables on the built-in world, resumably.
 
-The reference models (:mod:`fusionlens.prune.reference_models`): by default (``reference_recipe="pretrained"``,
+The reference models (:mod:`fusionlens.experiments.reference_models`): by default (``reference_recipe="pretrained"``,
 issue 8) each fusion model is initialised from separately pre-trained single-modality backbones -- the setting
 AlterMOMA prunes; ``"scratch"`` trains it jointly from scratch. ``task`` picks what they are trained and scored
 for (issue 9): ``"segmentation"`` (vehicle IoU, Table 3 layout), ``"detection"`` (a CenterPoint head, nuScenes
@@ -25,7 +25,7 @@ recomputed, so an interrupted run resumes where it stopped and loses nothing):
 The cell tree is ``out_dir/<tag>`` (e.g. ``pretrained``, ``pretrained-detection-pillars``), except for the
 scratch / segmentation / raster / ResNet-18 variant, whose cells stay in ``out_dir`` itself where they were made
 before the recipe existed; ``recipe.json`` in each tree makes mixing variants impossible (see
-:mod:`fusionlens.prune.reference_models`). ``results.md`` and ``ablation.png`` are written into the tree.
+:mod:`fusionlens.experiments.reference_models`). ``results.md`` and ``ablation.png`` are written into the tree.
 
 Every cell: score the reference model, prune, fine-tune ``finetune_steps`` Adam steps with masks fixed (or
 on the physically smaller model), evaluate on the validation split: vehicle IoU always, and mAP / NDS (with
@@ -44,15 +44,8 @@ import torch
 from torch.utils.data import Dataset
 
 from fusionlens.data.collate import batch_loader
-from fusionlens.io import atomic_write_json, claim_settings
-from fusionlens.models import FusionModel, ModelConfig
-from fusionlens.models.config import CAMERA_DEPTHS
-from fusionlens.prune.api import METHODS, build_importance, prune
-from fusionlens.prune.cost import cost_report
-from fusionlens.prune.params import LossFn, prunable_parameters
-from fusionlens.prune.pruner import finetune
-from fusionlens.prune.reference import CALIBRATION_INPUTS, example_inputs, reference_loss
-from fusionlens.prune.reference_models import (
+from fusionlens.experiments.reference import CALIBRATION_INPUTS, example_inputs, reference_loss
+from fusionlens.experiments.reference_models import (
     MANAGED_FIELDS,
     RECIPES,
     ReferenceModels,
@@ -61,6 +54,13 @@ from fusionlens.prune.reference_models import (
     describe,
     variant_of,
 )
+from fusionlens.io import atomic_write_json, claim_settings
+from fusionlens.models import FusionModel, ModelConfig
+from fusionlens.models.config import CAMERA_DEPTHS
+from fusionlens.prune.api import METHODS, build_importance, prune
+from fusionlens.prune.cost import cost_report
+from fusionlens.prune.params import LossFn, prunable_parameters
+from fusionlens.prune.pruner import finetune
 from fusionlens.prune.structured import structured_prune
 from fusionlens.train.loop import TASKS
 
@@ -87,7 +87,7 @@ class ReproduceConfig:
     reference_steps: int = 200
     reference_batch: int = 4
     reference_lr: float = 3e-3
-    # how the reference models are made (see fusionlens.prune.reference_models): "pretrained" | "scratch"
+    # how the reference models are made (see fusionlens.experiments.reference_models): "pretrained" | "scratch"
     reference_recipe: str = "pretrained"
     reference_freeze_steps: int = 50  # pretrained: fusion training keeps the loaded backbones frozen this long
     trunk_frames: int = 512  # pretrained: world frames and steps of the camera trunk's pre-training

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from fusionlens.cli import main
-from fusionlens.prune.reference import reference_loss
-from fusionlens.prune.reference_models import LEGACY_VARIANT, claim_root
-from fusionlens.prune.report import summarise
-from fusionlens.prune.reproduce import ReproduceConfig, Runner
+from fusionlens.experiments.altermoma import ReproduceConfig, Runner
+from fusionlens.experiments.altermoma_report import summarise
+from fusionlens.experiments.reference import reference_loss
+from fusionlens.experiments.reference_models import LEGACY_VARIANT, claim_root
 from fusionlens.train.checkpoint import load_checkpoint
 from fusionlens.train.synthetic import SyntheticDataset
 

@@ -2,7 +2,7 @@
 
 Segmentation cells give Table 3's layout (vehicle IoU per method and sparsity); cells of models with a detection
 head give Table 1's (mAP and NDS per method and sparsity); ``task="both"`` gives both. The head line names how
-the reference models were made (the tree's ``recipe.json``, :mod:`fusionlens.prune.reference_models`).
+the reference models were made (the tree's ``recipe.json``, :mod:`fusionlens.experiments.reference_models`).
 """
 
 from __future__ import annotations

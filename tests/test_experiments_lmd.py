@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusionlens.cli import main
-from fusionlens.evaluate.reproduce_lmd import LMDReproduceConfig, LMDRunner, summarise
+from fusionlens.experiments.lmd import LMDReproduceConfig, LMDRunner, summarise
 from fusionlens.models import build_model, preset_config
 from fusionlens.train.checkpoint import save_checkpoint
 from fusionlens.train.synthetic import TEST_GRID

@@ -35,9 +35,9 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from fusionlens.experiments.reference import load_reference
 from fusionlens.io import claim_settings
 from fusionlens.models import FusionModel, ModelConfig, preset_config
-from fusionlens.prune.reference import load_reference
 
 RECIPES: tuple[str, ...] = ("pretrained", "scratch")
 RECIPE_TEXT: dict[str, str] = {
