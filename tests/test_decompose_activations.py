@@ -117,3 +117,58 @@ def test_paper_slope_unchanged_where_f0_is_zero(act):
     slope = act(pre["total"]) / pre["total"]
     assert torch.equal(d.components["camera"], slope * pre["camera"])
     assert torch.equal(d.components["radar"], slope * pre["radar"])
+
+
+class Gated(nn.Module):
+    """Squeeze-and-excitation after a fusion conv, ``depth`` times: ``x * sigmoid(fc(mean(x)))``."""
+
+    def __init__(self, depth: int = 1) -> None:
+        super().__init__()
+        self.fuse = nn.Conv2d(5, 4, 1)
+        self.gates = nn.ModuleList(nn.Linear(4, 4) for _ in range(depth))
+        self.pre = nn.ModuleList(nn.Identity() for _ in range(depth))
+
+    def forward(self, camera, radar):
+        x = self.fuse(torch.cat([camera, radar], 1))
+        for gate, pre in zip(self.gates, self.pre):
+            x = pre(x) * torch.sigmoid(gate(x.mean((2, 3))))[:, :, None, None]
+        return x
+
+
+def test_gate_product_by_hand_bias_is_not_a_player():
+    """x * g with x = x_b + sum x_m, g = g_b + sum g_m: component k = x_k (g_b + g_M/2) + (x_b + x_M/2) g_k, the
+    bias exactly x_b g_b -- a modality scaled by the gate's constant part (sigmoid's F(0) = 1/2 among it) stays
+    the modality's; and under frozen coefficients the camera component ignores the radar input."""
+    torch.manual_seed(0)
+    model = Gated().double().eval()
+    g = torch.Generator().manual_seed(0)
+    cam, rad = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 2, 4, 4, generator=g,
+                                                                                    dtype=torch.float64)
+    d = decompose(model, {"camera": cam, "radar": rad}, layers=["pre.0"], record_coefficients=True)
+    x = d.layer("pre.0")
+    gate = torch.sigmoid(model.gates[0](x["total"].mean((2, 3))))[:, :, None, None]
+    slope = (gate - 0.5) / model.gates[0](x["total"].mean((2, 3)))[:, :, None, None]  # the chord through (0, 1/2)
+    lin = {n: model.gates[0].weight @ x[n].mean((2, 3)).T for n in ("camera", "radar")}
+    g_parts = {n: (slope.squeeze(-1).squeeze(-1) * lin[n].T)[:, :, None, None] for n in lin}
+    g_mod = g_parts["camera"] + g_parts["radar"]
+    g_bias, x_mod = gate - g_mod, x["camera"] + x["radar"]
+    for n in ("camera", "radar"):
+        want = x[n] * (g_bias + g_mod / 2) + (x["bias"] + x_mod / 2) * g_parts[n]
+        torch.testing.assert_close(d.components[n], want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(d.components["bias"], x["bias"] * g_bias, rtol=0, atol=1e-12)
+    other = torch.randn(rad.shape, generator=g, dtype=torch.float64)
+    moved = decompose(model, {"camera": cam, "radar": other}, coefficients=d.coefficients)
+    torch.testing.assert_close(moved.components["camera"], d.components["camera"], rtol=0, atol=0)
+
+
+def test_modality_shares_survive_a_stack_of_gates():
+    """Eight SE gates in a row: the modalities keep most of the output (a rule that gave the bias half of every
+    modality-times-constant term would leave them 2^-8 of it)."""
+    torch.manual_seed(0)
+    model = Gated(depth=8).double().eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {"camera": torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64),
+              "radar": torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64)}
+    d = decompose(model, inputs)
+    modalities = (d.components["camera"] + d.components["radar"]).abs().sum()
+    assert modalities > 0.5 * d.output.abs().sum() and d.conservation_error().relative <= 1e-12

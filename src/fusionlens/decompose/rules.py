@@ -147,29 +147,55 @@ def dense(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) ->
 
 def multilinear(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:
     """Products (``*``, ``@``, ``einsum``, ``bmm``). With one decomposed factor the op is linear in it. With ``n``
-    decomposed factors ``X_1..X_n`` (gating, SE blocks, attention scores) the component ``k`` is
-    ``(1/n) sum_j f(X_1, .., h_{j,k}, .., X_n)`` — each factor's component times the *totals* of the others,
-    shared equally over the factors. Summing over ``k`` gives ``(1/n) sum_j f(X_1..X_n) = f``, so the product is
-    conserved exactly; an interaction term is split evenly between the modalities that make it."""
+    decomposed factors ``X_i = b_i + M_i`` (bias component ``b_i``, modality sum ``M_i``: gating, SE blocks,
+    attention scores), the product is a sum of terms, one component from each factor; a term is shared equally by
+    the modality factors in it, and the bias is not a player: ``h_k * b_2`` (a modality scaled by a constant) is all
+    modality ``k``'s, ``h_k * h_m`` is split half and half, only ``b_1 * b_2`` is the bias's. Computed as the path
+    integral ``sum_j int_0^1 f(b_1 + t M_1, .., h_{j,k}, .., b_n + t M_n) dt`` (exact by Gauss-Legendre: the
+    integrand is a polynomial of degree n - 1 in t; for two factors, ``x_k (g_b + g_M / 2) + (x_b + x_M / 2) g_k``).
+    Linear in the components with ``b_i``, ``M_i`` frozen at the operating point, and conserving: the modalities
+    sum to ``f - f(b_1, .., b_n)``."""
     leaves, spec = tree_flatten((args, kwargs))
     positions = [i for i, x in enumerate(leaves) if isinstance(x, Stream)]
     if len(positions) == 1:
         return linear(engine, func, args, kwargs, total)
+    m = engine.num_modalities
     current = [x.fl_total() if isinstance(x, Stream) else x for x in leaves]
-    totals = engine.coefficient(lambda: current, like=current)
+
+    def split() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for i in positions:
+            modalities = leaves[i].fl_parts(m).sum(0)
+            out.append((current[i] - modalities, modalities))
+        return out
+
+    frozen = engine.coefficient(split, like=[(current[i], current[i]) for i in positions])
+    nodes, weights = _gauss_legendre((len(positions) + 1) // 2)
     acc = None
-    for j in positions:
-        parts = leaves[j].fl_parts(engine.num_modalities)
-        outs = []
-        for k in range(engine.num_modalities):
-            call = list(totals)
-            call[j] = parts[k]
-            a, kw = tree_unflatten(call, spec)
-            with torch._C.DisableTorchFunctionSubclass():
-                outs.append(func(*a, **kw))
-        stacked = torch.stack(outs)
-        acc = stacked if acc is None else acc + stacked
-    return acc / len(positions)
+    for t, w in zip(nodes, weights):
+        base = list(current)
+        for i, (b, mods) in zip(positions, frozen):
+            base[i] = b + t * mods
+        for j in positions:
+            parts = leaves[j].fl_parts(m)
+            outs = []
+            for k in range(m):
+                call = list(base)
+                call[j] = parts[k]
+                a, kw = tree_unflatten(call, spec)
+                with torch._C.DisableTorchFunctionSubclass():
+                    outs.append(func(*a, **kw))
+            stacked = torch.stack(outs) if w == 1.0 else w * torch.stack(outs)
+            acc = stacked if acc is None else acc + stacked
+    return acc
+
+
+def _gauss_legendre(count: int) -> tuple[list[float], list[float]]:
+    """Nodes and weights on [0, 1] integrating polynomials of degree up to ``2 count - 1`` exactly."""
+    import numpy as np
+
+    x, w = np.polynomial.legendre.leggauss(count)
+    return [float((xi + 1) / 2) for xi in x], [float(wi / 2) for wi in w]
 
 
 def divide(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:
