@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -78,11 +79,39 @@ def check_dataroot(dataroot: str | os.PathLike[str], version: str) -> Path:
     return root.resolve()
 
 
+def broken_table(folder: Path) -> str | None:
+    """What is wrong with the first of the tables in ``folder`` that is not valid JSON or not a list of records with
+    a ``token`` (``None``: all are). Called only once the devkit has failed, so a good dataset is parsed once."""
+    for table in TABLES:
+        path = folder / f"{table}.json"
+        try:
+            records = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            return f"nuScenes table {path} is not valid JSON ({exc})"
+        if not isinstance(records, list):
+            return (f"nuScenes table {path} has the wrong structure: expected a list of records, "
+                    f"got a JSON {type(records).__name__}")
+        bad = next((i for i, r in enumerate(records) if not (isinstance(r, dict) and isinstance(r.get("token"), str))),
+                   None)
+        if bad is not None:
+            return (f"nuScenes table {path} has the wrong structure: record {bad} is not an object with a "
+                    f"'token' string ({json.dumps(records[bad])[:80]})")
+    return None
+
+
 @functools.lru_cache(maxsize=2)
 def load_nuscenes(dataroot: str, version: str) -> Any:
-    """A devkit ``NuScenes`` for ``dataroot``/``version``, shared between splits (trainval loads slowly)."""
+    """A devkit ``NuScenes`` for ``dataroot``/``version``, shared between splits (trainval loads slowly). A table
+    the devkit cannot load is named in the ``ValueError``, with what is wrong with it."""
     root = check_dataroot(dataroot, version)
-    return require_devkit().NuScenes(version=version, dataroot=str(root), verbose=False)
+    try:
+        return require_devkit().NuScenes(version=version, dataroot=str(root), verbose=False)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:  # json.JSONDecodeError: ValueError
+        problem = broken_table(root / version)
+        if problem is None:
+            problem = (f"nuScenes {version} at {str(root)!r}: the devkit could not load the tables "
+                       f"({type(exc).__name__}: {exc}); is the download complete and unmodified?")
+        raise ValueError(problem) from None
 
 
 def split_scenes(nusc: Any, version: str, split: str) -> list[str]:
