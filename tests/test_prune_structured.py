@@ -68,7 +68,7 @@ def test_concat_case_matches_zeroed_columns_exactly() -> None:
     removed = sorted(set(range(12)) - set(kept_cols))
     x = inputs()
     torch.testing.assert_close(pruned(**x)["seg"], _oracle(model, removed)(**x)["seg"])
-    assert report["left_whole"] == []
+    assert report["left_whole"] == {}
 
 
 def test_lifted_concat_is_handled_and_exact() -> None:
@@ -185,8 +185,8 @@ def _pillars_model() -> tuple[nn.Module, dict]:
     from decompose_zoo import randomise_norm_stats
     from fusionlens.data.collate import collate_samples
     from fusionlens.data.sample import BEVGrid
-    from fusionlens.models import build_model, preset_config
     from fusionlens.experiments.reference import example_inputs
+    from fusionlens.models import build_model, preset_config
     from fusionlens.train.synthetic import SyntheticDataset
 
     grid = BEVGrid(((-16.0, 16.0), (-16.0, 16.0), (-3.0, 3.0)), (16, 16, 2))

@@ -23,6 +23,7 @@ from fusionlens.prune.params import (
     call_model,
     check_sparsity,
     clone_model,
+    effective_weights,
     named_parameters,
     output_tensors,
 )
@@ -32,15 +33,31 @@ DEAD = -1.0
 
 
 class Importance:
-    """Base class: subclasses implement :meth:`scores`; ``__call__`` validates and counts."""
+    """Base class: subclasses implement :meth:`scores`; ``__call__`` validates and counts.
+
+    Subclasses count their backward passes with ``self.backward_passes += 1``; while ``__call__`` runs with
+    ``progress=True`` each count also advances a tqdm bar (the scoring's progress)."""
 
     name = "importance"
     needs_data = False
 
     def __init__(self) -> None:
-        self.backward_passes = 0
+        self._passes = 0
+        self._bar: Any = None
 
-    def __call__(self, model: nn.Module, names: Sequence[str], sparsity: float = 0.0) -> Scores:
+    @property
+    def backward_passes(self) -> int:
+        return self._passes
+
+    @backward_passes.setter
+    def backward_passes(self, value: int) -> None:
+        if self._bar is not None and value > self._passes:
+            self._bar.update(value - self._passes)
+        self._passes = value
+
+    def __call__(
+        self, model: nn.Module, names: Sequence[str], sparsity: float = 0.0, progress: bool = False
+    ) -> Scores:
         check_sparsity(sparsity)
         params = named_parameters(model)
         missing = [n for n in names if n not in params]
@@ -48,21 +65,21 @@ class Importance:
             raise ValueError(f"{self.name}: unknown parameters {missing[:5]}")
         if not names:
             raise ValueError(f"{self.name}: no parameters to score")
-        self.backward_passes = 0
-        out = self.scores(model, list(names), sparsity)
+        self._passes = 0
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(desc=f"score ({self.name})", unit=" backward", leave=False)
+        try:
+            out = self.scores(model, list(names), sparsity)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
         return {n: out[n].detach().to(torch.float64) for n in names}
 
     def scores(self, model: nn.Module, names: list[str], sparsity: float) -> Scores:
         raise NotImplementedError
-
-
-def effective_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The weights the forward actually uses (``orig * mask`` for masked parameters)."""
-    out = {}
-    for n in names:
-        mod_name, _, attr = n.rpartition(".")
-        out[n] = getattr(model.get_submodule(mod_name) if mod_name else model, attr).detach()
-    return out
 
 
 def loss_gradients(model: nn.Module, loss_fn: LossFn, batch: Any, names: Sequence[str]) -> Scores:

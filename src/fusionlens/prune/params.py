@@ -61,6 +61,22 @@ def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {parameter_name(n): p for n, p in model.named_parameters()}
 
 
+def effective_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The weights the next forward will use: ``orig * mask`` for a parameter masked by ``torch.nn.utils.prune``.
+
+    Computed from ``*_orig`` and ``*_mask`` rather than read from the module's plain attribute, which
+    ``torch.nn.utils.prune`` refreshes only in its forward pre-hook: after an optimiser step it still holds the
+    weights before that step."""
+    out = {}
+    for n in names:
+        mod_name, _, attr = n.rpartition(".")
+        module = model.get_submodule(mod_name) if mod_name else model
+        orig, mask = getattr(module, f"{attr}_orig", None), getattr(module, f"{attr}_mask", None)
+        value = orig * mask if orig is not None and mask is not None else getattr(module, attr)
+        out[n] = value.detach()
+    return out
+
+
 def prunable_parameters(
     model: nn.Module,
     prunable_types: Sequence[type[nn.Module]] = DEFAULT_PRUNABLE_TYPES,
@@ -218,3 +234,49 @@ def check_scores(scores: Mapping[str, torch.Tensor], params: Mapping[str, torch.
             raise ValueError(f"score for {name!r} has shape {tuple(s.shape)}, parameter {tuple(params[name].shape)}")
         if not torch.isfinite(s).all():
             raise ValueError(f"score for {name!r} is not finite (a diverging loss or learning rate?)")
+
+
+#: First parameter names that mark a criterion ``loss(outputs, batch)`` rather than ``loss_fn(model, batch)``.
+_CRITERION_NAMES = (
+    "out", "outs", "output", "outputs", "pred", "preds", "prediction", "predictions", "logits", "y_pred",
+)
+
+
+def check_loss_fn(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any]) -> None:
+    """Call ``loss_fn(model, batch)`` once on the first batch (eval mode, the model's state untouched) and raise a
+    ``TypeError`` showing the expected call if it fails or does not return a differentiable scalar tensor.
+
+    A one-shot iterator is not checked (taking its first batch would steal it from the method)."""
+    expected = (
+        "loss_fn must be called as loss_fn(model, batch) and return a scalar tensor, e.g. "
+        "loss_fn = lambda model, batch: criterion(model(batch['inputs']), batch['target'])"
+    )
+    import inspect
+
+    try:
+        first = next(iter(inspect.signature(loss_fn).parameters))
+    except (TypeError, ValueError, StopIteration):
+        first = None
+    if first in _CRITERION_NAMES:
+        raise TypeError(f"{expected}; its first argument is named {first!r}: a criterion of outputs?")
+    if iter(batches) is batches:
+        return
+    batch = next(iter(batches), None)
+    if batch is None:
+        raise ValueError("batches is empty")
+    was_training = model.training
+    model.eval()  # no running statistics updated by the check
+    try:
+        loss = loss_fn(model, batch)
+    except (TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise TypeError(f"{expected}; on the first batch it raised {type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = type(loss).__name__ if not isinstance(loss, torch.Tensor) else f"a tensor of shape {tuple(loss.shape)}"
+        raise TypeError(f"{expected}; on the first batch it returned {got}")
+    if not loss.requires_grad:
+        raise TypeError(
+            f"{expected}; on the first batch it returned a loss that does not depend on the model's parameters "
+            "(computed under torch.no_grad() or detached?)"
+        )

@@ -9,6 +9,13 @@ prunable or not, takes part in the inner steps. Defaults follow the public ProsP
 inner lr 0.5,
 momentum 0.9, a fresh batch per step. Their lr is tuned for CIFAR from scratch; pretrained fusion models need
 a much smaller one (``inner_lr``), or the inner loss diverges and a clear error is raised.
+
+Momentum buffer: with ``momentum > 0`` the public code's functional SGD (like ``torch.optim.SGD``) starts the
+buffer from a *detached* copy of the first gradient, ``v_1 = g_1.detach()``, so the meta-gradient does not
+flow through the first gradient (``theta_1 = c * theta - lr * v_1`` depends on ``c`` only through its first
+term; later gradients ``g_k``, k > 1, stay differentiated). That is the default here
+(``detach_first_momentum=True``); ``False`` differentiates through every step, the exact derivative of the
+unrolled inner loop. Without momentum no buffer exists and both are the exact derivative.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class ProsPr(Importance):
         inner_steps: int = 3,
         inner_lr: float = 0.5,
         momentum: float = 0.9,
+        detach_first_momentum: bool = True,
     ) -> None:
         super().__init__()
         if inner_steps < 0:
@@ -58,6 +66,7 @@ class ProsPr(Importance):
             raise ValueError(f"need inner_lr > 0 and momentum in [0, 1), got {inner_lr}, {momentum}")
         self.loss_fn, self.batches = loss_fn, batches
         self.inner_steps, self.inner_lr, self.momentum = inner_steps, inner_lr, momentum
+        self.detach_first_momentum = bool(detach_first_momentum)
 
     def scores(self, model: nn.Module, names: list[str], sparsity: float) -> Scores:
         # A copy: train-mode normalisation layers update running statistics during the inner steps.
@@ -75,7 +84,7 @@ class ProsPr(Importance):
         theta = {k: v.clone().requires_grad_(True) for k, v in raw.items()}
         for n in names:
             theta[key_of[n]] = raw[key_of[n]] * masks[n]
-        velocity = {k: torch.zeros_like(v) for k, v in theta.items()}
+        velocity: dict[str, torch.Tensor | None] = {k: None for k in theta}
         stream = batch_stream(self.batches)
         for step in range(self.inner_steps + 1):
             loss = functional_call(wrapper, theta, (next(stream),))
@@ -98,6 +107,11 @@ class ProsPr(Importance):
                 # A pruned entry of an already-masked model must stay at zero in the inner loop too.
                 mask = installed.get(parameter_name(k[len("model.") :]))
                 g = g if mask is None else g * mask
-                velocity[k] = self.momentum * velocity[k] + g
-                theta[k] = theta[k] - self.inner_lr * velocity[k]
+                previous = velocity[k]
+                if previous is None:  # the first step starts the buffer (see the module docstring)
+                    v = g.detach().clone() if self.detach_first_momentum and self.momentum else g
+                else:
+                    v = self.momentum * previous + g
+                velocity[k] = v
+                theta[k] = theta[k] - self.inner_lr * v
         raise AssertionError("unreachable")

@@ -16,7 +16,15 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from fusionlens.prune.params import LossFn, batch_stream, check_scores, check_sparsity, clone_model, named_parameters
+from fusionlens.prune.params import (
+    LossFn,
+    batch_stream,
+    check_scores,
+    check_sparsity,
+    clone_model,
+    effective_weights,
+    named_parameters,
+)
 
 
 def global_masks(scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
@@ -92,8 +100,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def sparsity_report(model: nn.Module, names: Iterable[str]) -> dict[str, Any]:
     """Measured fraction of exact zeros over ``names`` (after masking), overall and per parameter."""
-    params = {n: p.detach() for n, p in named_parameters(model).items()}
-    effective = {n: _effective(model, n, params[n]) for n in names}
+    effective = effective_weights(model, names)
     total = sum(t.numel() for t in effective.values())
     zeros = sum(int((t == 0).sum()) for t in effective.values())
     return {
@@ -102,12 +109,6 @@ def sparsity_report(model: nn.Module, names: Iterable[str]) -> dict[str, Any]:
         "n_zero": zeros,
         "per_parameter": {n: float((t == 0).float().mean()) for n, t in effective.items()},
     }
-
-
-def _effective(model: nn.Module, name: str, raw: torch.Tensor) -> torch.Tensor:
-    module, attr = _owner(model, name)
-    value = getattr(module, attr)
-    return value.detach() if isinstance(value, torch.Tensor) else raw
 
 
 def prune_with_scores(

@@ -27,6 +27,7 @@ listed in the report: its producers also feed other layers, which the isolated-b
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +41,7 @@ from tqdm import tqdm
 from fusionlens.prune.channel_map import branch_graph, branch_of, concat_mapping
 from fusionlens.prune.params import call_model, check_sparsity, clone_model, output_tensors
 
-ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
@@ -106,9 +107,15 @@ def _boundary_consumer(group: Any, names: Mapping[nn.Module, str]) -> str | None
     return None
 
 
-def _n_remove(module: nn.Module, ratio: float) -> int:
+def _n_remove(module: nn.Module, ratio: float, group: Any = None) -> int:
+    """``floor(ratio * C)`` channels, at least one kept; where the group holds an ``nn.MultiheadAttention``, the
+    kept width is rounded up to a multiple of its head count (the embedding splits evenly into heads)."""
     n = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-    return min(int(ratio * n), n - 1)
+    remove = min(int(ratio * n), n - 1)
+    members = [dep.target.module for dep, _ in (group or [])]
+    for h in [m.num_heads for m in members if isinstance(m, nn.MultiheadAttention)]:
+        remove = n - -(-(n - remove) // h) * h
+    return max(remove, 0)
 
 
 def _out_handler(module: nn.Module) -> Any:
@@ -126,60 +133,98 @@ class PlanEntry:
     idxs: list[int]
     consumer: str | None = None
     columns: list[int] = field(default_factory=list)
+    fallback: list[PlanEntry] = field(default_factory=list)  # tried instead if this entry fails its check
 
 
 def plan_channels(
     model: nn.Module,
     scores: Mapping[str, torch.Tensor],
-    ratio: float,
+    sparsity: float,
     example_inputs: Any,
     ignored_layers: Sequence[nn.Module] = (),
-) -> tuple[list[PlanEntry], list[str]]:
-    """The channels to remove per group, and the layers left whole (intra-branch concatenations).
+) -> tuple[list[PlanEntry], dict[str, str]]:
+    """The channels to remove per group (numbered as before any pruning), and the layers that cannot be planned
+    with the reason (``{layer: reason}``).
 
-    A group that reaches a cross-modality concatenation is replanned per producer layer on its own branch's
-    graph (Torch-Pruning may have merged several modalities' producers into one corrupted group there), see
-    :func:`_plan_across_concat`."""
-    ratio = check_sparsity(ratio, "channel ratio")
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    A group reaching a concatenation *across* modality branches is replanned per producer layer on its own
+    branch's graph (Torch-Pruning may have merged several modalities' producers into one corrupted group there),
+    see :func:`_plan_across_concat`; every other group (concatenations inside one module, U-Net skips, dense
+    blocks) is Torch-Pruning's own, and :func:`structured_prune` checks each by a forward pass."""
+    ratio = check_sparsity(sparsity, "sparsity")
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
     names = {m: n for n, m in model.named_modules()}
     ignored = list(ignored_layers) + output_layers(model, example_inputs)
     plan: list[PlanEntry] = []
-    left: list[str] = []
+    left: dict[str, str] = {}
     planned: set[str] = set()
     graphs: dict[str, tp.DependencyGraph] = {}  # branch -> its own graph, built once
     claimed: dict[tuple[str, int], str] = {}  # (consumer, input channel) -> the producer channel feeding it
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
-        consumer = _boundary_consumer(group, names)
         root = group[0][0].target.module
-        if consumer is None:
-            n_remove = _n_remove(root, ratio)
+        consumer = _boundary_consumer(group, names)
+        if consumer is not None and consumer.startswith(branch_of(model, names[root]) + "."):
+            consumer = None  # a concatenation inside one branch: Torch-Pruning's own mapping, checked when applied
+        native: PlanEntry | None = None
+        try:
+            n_remove = _n_remove(root, ratio, group)
             if n_remove > 0:
                 order = torch.sort(channel_scores(group, scores, names), stable=True).indices[:n_remove]
-                plan.append(PlanEntry(names[root], group[0][0].handler, sorted(int(i) for i in order)))
+                native = PlanEntry(names[root], group[0][0].handler, sorted(int(i) for i in order))
+        except (IndexError, RuntimeError) as exc:  # Torch-Pruning's concat offsets ran past a layer's width
+            if consumer is None:
+                left[names[root]] = f"cannot map its channels ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        if consumer is None:
+            plan += [native] if native is not None else []
             continue
-        for dep, _ in group:
-            prod = dep.target.module
-            if not isinstance(prod, ROOT_TYPES) or "out_channels" not in getattr(dep.handler, "__name__", ""):
-                continue
-            name = names[prod]
-            if name == consumer or name in planned or any(prod is m for m in ignored):
-                continue
-            if _n_remove(prod, ratio) <= 0 or f"{name}.weight" not in scores:
-                continue
-            branch = branch_of(model, name)
-            if consumer.startswith(branch + "."):
-                planned.add(name)
-                left.append(name)
-                continue
-            if branch not in graphs:
-                graphs[branch] = branch_graph(model, branch, example_inputs)
-            entry = _plan_across_concat(
-                model, graphs[branch], name, consumer, scores, ratio, example_inputs, ignored, planned, claimed
+        try:  # the fallback if Torch-Pruning's own mapping of this group fails its forward check
+            fallback = _plan_producers(
+                model, group, consumer, scores, ratio, example_inputs, ignored, planned, claimed, graphs
             )
-            if entry is not None:
-                plan.append(entry)
+        except RuntimeError as exc:  # the probe found a column fed by two producers
+            fallback = []
+            if native is None:
+                left[names[root]] = f"cannot map its channels (RuntimeError: {str(exc).splitlines()[0]})"
+        if native is not None:
+            native.fallback = fallback
+            plan.append(native)
+        else:
+            plan += fallback
     return plan, left
+
+
+def _plan_producers(
+    model: nn.Module,
+    group: Any,
+    consumer: str,
+    scores: Mapping[str, torch.Tensor],
+    ratio: float,
+    example_inputs: Any,
+    ignored: Sequence[nn.Module],
+    planned: set[str],
+    claimed: dict[tuple[str, int], str],
+    graphs: dict[str, tp.DependencyGraph],
+) -> list[PlanEntry]:
+    """One entry per producer layer of a group that reaches ``consumer`` through a cross-branch concatenation."""
+    names = {m: n for n, m in model.named_modules()}
+    out = []
+    for dep, _ in group:
+        prod = dep.target.module
+        if not isinstance(prod, ROOT_TYPES) or "out_channels" not in getattr(dep.handler, "__name__", ""):
+            continue
+        name = names[prod]
+        if name == consumer or name in planned or any(prod is m for m in ignored):
+            continue
+        if _n_remove(prod, ratio) <= 0 or f"{name}.weight" not in scores:
+            continue
+        branch = branch_of(model, name)
+        if branch not in graphs:
+            graphs[branch] = branch_graph(model, branch, example_inputs)
+        entry = _plan_across_concat(
+            model, graphs[branch], name, consumer, scores, ratio, example_inputs, ignored, planned, claimed
+        )
+        if entry is not None:
+            out.append(entry)
+    return out
 
 
 def _plan_across_concat(
@@ -267,43 +312,102 @@ def _output_shapes(model: nn.Module, example_inputs: Any) -> list[torch.Size]:
         return [t.shape for t in output_tensors(call_model(model, example_inputs))]
 
 
+class _Failed(Exception):
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index, self.reason = index, reason
+
+
+def _apply(
+    target: nn.Module,
+    plan: Sequence[PlanEntry],
+    skipped: Mapping[int, str],
+    checked: int,
+    example_inputs: Any,
+    shapes: list[torch.Size],
+    progress: bool,
+) -> None:
+    """Remove the channels of every entry of ``plan`` not in ``skipped`` from ``target``, in plan order; from entry
+    ``checked`` on, a forward pass after each entry must give the original output shapes, else :class:`_Failed`
+    names the entry (``target`` is then half-pruned and must be discarded)."""
+    graph = tp.DependencyGraph().build_dependency(target, example_inputs=example_inputs, verbose=False)
+    kept: dict[str, list[int]] = {}  # consumer -> its remaining input channels, in pre-pruning numbering
+    todo = [i for i in range(len(plan)) if i not in skipped]
+    for i in tqdm(todo, desc="remove channels", leave=False, disable=not progress):
+        entry = plan[i]
+        try:
+            if entry.consumer is None:
+                group = graph.get_pruning_group(target.get_submodule(entry.module), entry.handler, idxs=entry.idxs)
+                if not graph.check_pruning_group(group):
+                    raise RuntimeError("Torch-Pruning refuses (the group would empty a layer)")
+                group.prune()
+            else:
+                cons = target.get_submodule(entry.consumer)
+                width = cons.in_features if isinstance(cons, nn.Linear) else cons.in_channels
+                current = kept.setdefault(entry.consumer, list(range(width)))
+                _prune_across_concat(target, entry, [current.index(c) for c in entry.columns], example_inputs)
+                kept[entry.consumer] = [c for c in current if c not in set(entry.columns)]
+            if i >= checked:
+                after = _output_shapes(target, example_inputs)
+                if after != shapes:
+                    raise RuntimeError(f"the output shapes changed from {shapes} to {after}")
+        except Exception as exc:  # noqa: BLE001 -- any failure of the mapping leaves this group whole
+            raise _Failed(i, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
 def structured_prune(
     model: nn.Module,
     scores: Mapping[str, torch.Tensor],
-    ratio: float,
+    sparsity: float,
     example_inputs: Any,
     ignored_layers: Sequence[nn.Module] = (),
     report: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> nn.Module:
-    """A copy of ``model`` with ``ratio`` of the output channels of every prunable group removed (lowest
-    aggregated ``scores`` first). ``example_inputs``: a tensor, a tuple, or a dict of keyword inputs.
+    """A copy of ``model`` with the fraction ``sparsity`` of the output channels of every prunable layer group
+    removed (lowest aggregated ``scores`` first). ``example_inputs``: a tensor, a tuple, or a dict of keyword
+    inputs. ``model`` is never changed.
 
-    Output layers are never pruned and the output shapes are checked. ``report`` (if given) receives the
-    number of pruned groups and the layers left whole."""
+    Output layers are never pruned. Every group is applied on the copy and followed by a forward pass on
+    ``example_inputs``; a group whose removal breaks that pass or changes an output shape -- where Torch-Pruning
+    mis-maps channels, e.g. a channel count held in a Python constant (a scatter canvas of fixed width), or one
+    tensor concatenated several times -- is left whole instead, the copy is rebuilt without it, and the layer is
+    reported with the error it caused. ``report`` (if given) receives the number of pruned groups and
+    ``left_whole``: ``{layer: reason}`` for every group left whole (pass such a layer in ``ignored_layers`` to
+    leave it whole from the start, which skips the failed attempt)."""
     names = {id(m): n for n, m in model.named_modules()}
     unknown = [type(m).__name__ for m in ignored_layers if id(m) not in names]
     if unknown:
         raise ValueError(f"ignored_layers must be modules of the model, got foreign {unknown}")
-    target = clone_model(model).eval()
-    ignored = [target.get_submodule(names[id(m)]) for m in ignored_layers]  # the same layers in the copy
-    shapes = _output_shapes(target, example_inputs)
-    plan, left = plan_channels(target, scores, ratio, example_inputs, ignored)
-    graph = tp.DependencyGraph().build_dependency(target, example_inputs=example_inputs)
-    for entry in tqdm([e for e in plan if e.consumer is None], desc="remove channels", leave=False):
-        group = graph.get_pruning_group(target.get_submodule(entry.module), entry.handler, idxs=entry.idxs)
-        if not graph.check_pruning_group(group):
-            raise RuntimeError(f"Torch-Pruning refuses to prune {entry.module} (would empty a layer)")
-        group.prune()
-    kept: dict[str, list[int]] = {}  # consumer -> its remaining input channels, in pre-pruning numbering
-    for entry in [e for e in plan if e.consumer is not None]:
-        cons = target.get_submodule(entry.consumer)  # type: ignore[arg-type]
-        width = cons.in_features if isinstance(cons, nn.Linear) else cons.in_channels
-        current = kept.setdefault(entry.consumer, list(range(width)))  # type: ignore[arg-type]
-        _prune_across_concat(target, entry, [current.index(c) for c in entry.columns], example_inputs)
-        kept[entry.consumer] = [c for c in current if c not in set(entry.columns)]  # type: ignore[index]
-    after = _output_shapes(target, example_inputs)
-    if after != shapes:
-        raise RuntimeError(f"structured pruning changed the output shapes {shapes} -> {after}")
+    check_sparsity(sparsity, "sparsity")
+    base = clone_model(model).eval()
+    shapes = _output_shapes(base, example_inputs)
+    ignored = [base.get_submodule(names[id(m)]) for m in ignored_layers]  # the same layers in the copy
+    plan, left = plan_channels(base, scores, sparsity, example_inputs, ignored)
+    skipped: dict[int, str] = {}
+    checked = 0  # entries before this one passed their forward check already
+    while True:
+        target = clone_model(base)
+        try:
+            _apply(target, plan, skipped, checked, example_inputs, shapes, progress)
+            break
+        except _Failed as failed:  # rebuild from the unpruned copy, replay, and try the entry's fallback or skip it
+            entry = plan[failed.index]
+            if entry.fallback:  # failures come in plan order: later indices are not in `skipped` yet
+                plan[failed.index : failed.index + 1] = entry.fallback
+                checked = failed.index
+            else:
+                skipped[failed.index] = failed.reason
+                checked = failed.index + 1
+    for i, reason in skipped.items():
+        left[plan[i].module] = f"removing its channels broke the forward pass ({reason})"
+    if left:
+        warnings.warn(
+            f"structured pruning left {len(left)} layer group(s) whole: "
+            + "; ".join(f"{k}: {v}" for k, v in left.items())
+            + " -- pass these layers in ignored_layers to skip the attempt",
+            stacklevel=2,
+        )
     if report is not None:
-        report.update(groups=len(plan), left_whole=left)
-    return target
+        report.update(groups=len(plan) - len(skipped), left_whole=left)
+    return target.train(model.training)
