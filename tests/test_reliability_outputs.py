@@ -87,13 +87,16 @@ def test_out_that_is_a_directory_is_refused_before_work(command, checkpoint, tmp
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("command", ["train", "prune", "evaluate", "pretrain", "explain", "world show"])
+@pytest.mark.parametrize("command", ["train", "prune", "evaluate", "pretrain", "explain", "world show",
+                                     "reproduce lmd", "reproduce altermoma"])
 def test_out_under_a_regular_file_is_refused_before_work(command, checkpoint, tmp_path, capsys, no_work):
     (tmp_path / "file.txt").write_text("not a folder")
     out = tmp_path / "file.txt" / "x.pt"
     argv = {**commands(checkpoint, str(out)),
             "explain": ["explain", "--checkpoint", str(checkpoint), "--data", "synthetic", "--out", str(out)],
-            "world show": ["world", "show", "--out", str(out)]}[command]
+            "world show": ["world", "show", "--out", str(out)],
+            "reproduce lmd": ["reproduce", "lmd", "--out", str(out), "--no-progress"],
+            "reproduce altermoma": ["reproduce", "altermoma", "--out", str(out), "--no-progress"]}[command]
     err = run_cli(argv, capsys)
     assert f"--out {out}: {tmp_path / 'file.txt'} is a file, not a folder" in err
     assert tree(tmp_path) == {"file.txt": b"not a folder"}

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fusionlens.io import atomic_write_text
+from fusionlens.io import atomic_write_text, check_output_dir
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -90,6 +90,7 @@ def run_altermoma(args: argparse.Namespace) -> int:
     from fusionlens.experiments.altermoma import Runner
     from fusionlens.experiments.altermoma_report import plot_ablation, summarise
 
+    check_output_dir("--out", args.out)
     cfg = altermoma_config(args)
     runner = Runner(cfg, progress=not args.no_progress)
     runner.run()
@@ -107,6 +108,7 @@ def run_lmd(args: argparse.Namespace) -> int:
     from fusionlens.experiments.lmd import LMDReproduceConfig, LMDRunner, summarise
     from fusionlens.train.distributed import init_distributed
 
+    check_output_dir("--out", args.out)
     cfg = LMDReproduceConfig(
         out_dir=args.out,
         checkpoints=args.checkpoints,
