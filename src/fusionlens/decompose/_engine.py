@@ -300,14 +300,15 @@ class Engine:
                 f"no LMD rule for op '{name}' in {self.where()}; register one with "
                 "fusionlens.decompose.register_rule"
             )
+        self._carried = None
         parts = rule(self, func, args, kwargs, total)
+        carried, self._carried = self._carried, None
         if parts is None:  # the rule declared the output a constant at the operating point
             self.note_dropped(name, streams)
             return self._constant(total)
         reach = 0
-        for s in self._carried if self._carried is not None else streams:
+        for s in carried if carried is not None else streams:
             reach |= s._fl_reach
-        self._carried = None
         return _attach(total, parts, reach)
 
     def _constant(self, total: Any) -> Any:
