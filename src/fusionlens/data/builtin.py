@@ -125,11 +125,12 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _watch_parent(parent: int, parent_ppid: int) -> None:
+    """Poll for the death of ``parent``: gone, or no longer ours (PermissionError: its pid was reused)."""
     while True:
         time.sleep(0.5)
         try:
             os.kill(parent, 0)
-        except ProcessLookupError:
+        except OSError:
             os._exit(1)
         if os.getppid() != parent_ppid:  # re-parented: the parent died (it may linger as a zombie)
             os._exit(1)
