@@ -348,11 +348,17 @@ def _apply(
                 _prune_across_concat(target, entry, [current.index(c) for c in entry.columns], example_inputs)
                 kept[entry.consumer] = [c for c in current if c not in set(entry.columns)]
             if i >= checked:
-                after = _output_shapes(target, example_inputs)
-                if after != shapes:
-                    raise RuntimeError(f"the output shapes changed from {shapes} to {after}")
+                _check_shapes(target, example_inputs, shapes)
         except Exception as exc:  # noqa: BLE001 -- any failure of the mapping leaves this group whole
             raise _Failed(i, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if checked >= len(plan):
+        _check_shapes(target, example_inputs, shapes)
+
+
+def _check_shapes(target: nn.Module, example_inputs: Any, shapes: list[torch.Size]) -> None:
+    after = _output_shapes(target, example_inputs)
+    if after != shapes:
+        raise RuntimeError(f"the output shapes changed from {shapes} to {after}")
 
 
 def structured_prune(
@@ -385,8 +391,14 @@ def structured_prune(
     ignored = [base.get_submodule(names[id(m)]) for m in ignored_layers]  # the same layers in the copy
     plan, left = plan_channels(base, scores, sparsity, example_inputs, ignored)
     skipped: dict[int, str] = {}
+    try:  # the common case first: every entry at once, one forward check at the end
+        target = clone_model(base)
+        _apply(target, plan, skipped, len(plan), example_inputs, shapes, progress)
+        plan_ok = True
+    except Exception:  # noqa: BLE001 -- find the culprits one entry at a time below
+        plan_ok = False
     checked = 0  # entries before this one passed their forward check already
-    while True:
+    while not plan_ok:
         target = clone_model(base)
         try:
             _apply(target, plan, skipped, checked, example_inputs, shapes, progress)
