@@ -1,4 +1,4 @@
-"""``fusionlens reproduce altermoma`` reference recipes (issue 8) and tasks / backbones (issue 9): the pretrained
+"""``fusionlens reproduce altermoma`` reference recipes, tasks and backbones: the pretrained
 recipe builds trunk, single-modality models and the fusion model from their backbones, reuses every file; cells
 of a detection model carry mAP / NDS and the tables show them; pillars put LiDAR parameters in the lidar group;
 recipes never share cells; bad settings fail before any work. Synthetic data and 1-2 step schedules."""
@@ -48,18 +48,18 @@ def test_pretrained_recipe_builds_from_single_models_and_reuses_every_file(tmp_p
     assert runner.out == tmp_path / "pretrained"
     dense = runner.dense(PAIR)
     ckpts = runner.out / "checkpoints"
-    names = ("camera_trunk.pt", "single_camera.pt", "single_lidar.pt", "camera_lidar_pre.pt")
+    names = ("camera_trunk.pt", "tiny_camera.pt", "tiny_lidar.pt", "tiny_camera-lidar_pre.pt")
     assert all((ckpts / n).is_file() for n in names)
-    assert "separately pre-trained single-modality backbones (issue 8)" in dense["reference"]
+    assert "separately pre-trained single-modality backbones" in dense["reference"]
     assert dense["recipe"] == "pretrained" and set(dense["initialised_from"]) == {"camera", "lidar"}
     # frozen for >= all reference steps (BatchNorm statistics included): the backbones are the single models'
-    fused = load_checkpoint(ckpts / "camera_lidar_pre.pt")
+    fused = load_checkpoint(ckpts / "tiny_camera-lidar_pre.pt")
     for modality in ("camera", "lidar"):
-        single = load_checkpoint(ckpts / f"single_{modality}.pt")
+        single = load_checkpoint(ckpts / f"tiny_{modality}.pt")
         theirs, ours = _backbone(single["model"], modality), _backbone(fused["model"], modality)
         assert theirs and theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
     assert single["model_config"]["camera_weights"] is None  # the trunk initialises camera models only
-    assert load_checkpoint(ckpts / "single_camera.pt")["model_config"]["camera_weights"].endswith("camera_trunk.pt")
+    assert load_checkpoint(ckpts / "tiny_camera.pt")["model_config"]["camera_weights"].endswith("camera_trunk.pt")
     assert "separately pre-trained" in summarise(runner.out).splitlines()[0]
 
     # a second run trains nothing: every model is a cached file
@@ -68,14 +68,14 @@ def test_pretrained_recipe_builds_from_single_models_and_reuses_every_file(tmp_p
 
     monkeypatch.setattr("fusionlens.train.loop.train", no_training)
     monkeypatch.setattr("fusionlens.train.camera_pretrain.pretrain_camera", no_training)
-    (runner.out / "dense/camera_lidar.json").unlink()
+    (runner.out / "dense/camera-lidar.json").unlink()
     assert Runner(tiny(tmp_path), progress=False).dense(PAIR)["initialised_from"] == dense["initialised_from"]
     # ... and a model cached with another schedule is refused, never silently reused
     with pytest.raises(ValueError, match="another protocol reference_steps"):
         Runner(tiny(tmp_path, reference_steps=3), progress=False)
     # the cached models check their own schedule too (a tree from before protocol.json existed)
     (runner.out / "protocol.json").unlink()
-    with pytest.raises(ValueError, match=r"single_camera.pt was made with other settings -- steps: wanted 3"):
+    with pytest.raises(ValueError, match=r"tiny_camera.pt was made with other settings -- steps: wanted 3"):
         Runner(tiny(tmp_path, reference_steps=3), progress=False).reference(PAIR)
 
 
@@ -103,7 +103,7 @@ def test_detection_cells_carry_map_nds_and_pillars_own_lidar_parameters(tmp_path
 
 def test_recipes_never_share_cells(tmp_path, synthetic):
     # cells made before recipe.json existed (the scratch recipe) stay where they are ...
-    legacy = tmp_path / "dense/camera_lidar.json"
+    legacy = tmp_path / "dense/camera-lidar.json"
     legacy.parent.mkdir(parents=True)
     legacy.write_text(json.dumps({"pair": PAIR, "iou": 0.5}))
     pre = Runner(tiny(tmp_path), progress=False)

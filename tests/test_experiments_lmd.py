@@ -27,7 +27,7 @@ def checkpoints(tmp_path_factory):
     torch.manual_seed(0)
     config = preset_config("tiny", "camera,radar", **SMALL)
     folder = tmp_path_factory.mktemp("ckpts")
-    save_checkpoint(folder / "tiny_camera_radar.pt", model=build_model(config), model_config=config)
+    save_checkpoint(folder / "tiny_camera-radar.pt", model=build_model(config), model_config=config)
     return folder
 
 
@@ -41,7 +41,7 @@ def test_cells_resume_and_tables(checkpoints, tmp_path):
     cells = _cells(out)
     # 2 seeds x (naive recomputed + paper frozen + paper recomputed)
     assert len(cells) == 6
-    frozen = cells["cells/camera_radar/seed0/lmd-paper__frozen.json"]["result"]["summary"]["pcc"]
+    frozen = cells["cells/camera-radar/seed0/lmd-paper__frozen.json"]["result"]["summary"]["pcc"]
     assert frozen["Rp/C"][0] == pytest.approx(1.0) and frozen["Cp/R"][0] == pytest.approx(1.0)
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/**/*.json")}
     assert main(["reproduce", "lmd", "--out", str(out), "--checkpoints", str(checkpoints), *ARGS]) == 0
@@ -49,26 +49,26 @@ def test_cells_resume_and_tables(checkpoints, tmp_path):
     # a retrained checkpoint makes the cells stale: they are measured again
     config = preset_config("tiny", "camera,radar", **SMALL)
     torch.manual_seed(1)
-    save_checkpoint(checkpoints / "tiny_camera_radar.pt", model=build_model(config), model_config=config)
+    save_checkpoint(checkpoints / "tiny_camera-radar.pt", model=build_model(config), model_config=config)
     assert main(["reproduce", "lmd", "--out", str(out), "--checkpoints", str(checkpoints), *ARGS]) == 0
     assert all(p.stat().st_mtime_ns != t for p, t in stamps.items())
     table = (out / "results.md").read_text()
     assert "Table 1: linearization ablation" in table and "| LMD (ratio) | frozen | 2 |" in table
     assert "Rp/R 0.05" in table  # the paper's number alongside
-    assert "trained models: camera_radar 1 for 2 seeds" in table  # both seeds drew anchors on the one checkpoint
+    assert "trained models: camera-radar 1 for 2 seeds" in table  # both seeds drew anchors on the one checkpoint
     assert table == summarise(out) + "\n"
 
 
 def test_per_seed_models(tmp_path):
     config = preset_config("tiny", "camera,radar", **SMALL)
     model = build_model(config)
-    save_checkpoint(tmp_path / "tiny_camera_radar.pt", model=model, model_config=config, train_config={"seed": 0})
-    save_checkpoint(tmp_path / "tiny_camera_radar_seed1.pt", model=model, model_config=config)
+    save_checkpoint(tmp_path / "tiny_camera-radar.pt", model=model, model_config=config, train_config={"seed": 0})
+    save_checkpoint(tmp_path / "tiny_camera-radar_seed1.pt", model=model, model_config=config)
     runner = LMDRunner(LMDReproduceConfig(checkpoints=str(tmp_path)))
     # the reference checkpoint trained with seed 0 is seed 0's own model; seed 2 has none and shares it
-    assert runner.checkpoint("camera_radar", 0) == (tmp_path / "tiny_camera_radar.pt", True)
-    assert runner.checkpoint("camera_radar", 1) == (tmp_path / "tiny_camera_radar_seed1.pt", True)
-    assert runner.checkpoint("camera_radar", 2) == (tmp_path / "tiny_camera_radar.pt", False)
+    assert runner.checkpoint("camera-radar", 0) == (tmp_path / "tiny_camera-radar.pt", True)
+    assert runner.checkpoint("camera-radar", 1) == (tmp_path / "tiny_camera-radar_seed1.pt", True)
+    assert runner.checkpoint("camera-radar", 2) == (tmp_path / "tiny_camera-radar.pt", False)
 
 
 def test_config_errors(checkpoints, tmp_path):
@@ -80,7 +80,7 @@ def test_config_errors(checkpoints, tmp_path):
         LMDReproduceConfig(methods=("lrp",)).check()
     runner = LMDRunner(LMDReproduceConfig(checkpoints=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="fusionlens train"):
-        runner.checkpoint("camera_lidar", 0)
+        runner.checkpoint("camera-lidar", 0)
     with pytest.raises(FileNotFoundError, match="no result cells"):
         summarise(tmp_path)
 
@@ -105,9 +105,9 @@ def test_each_checkpoint_is_read_once_per_run(tmp_path, monkeypatch):
     config = preset_config("tiny", "camera,radar", **SMALL)
     ckpts = tmp_path / "ckpts"
     torch.manual_seed(0)
-    save_checkpoint(ckpts / "tiny_camera_radar.pt", model=build_model(config), model_config=config,
+    save_checkpoint(ckpts / "tiny_camera-radar.pt", model=build_model(config), model_config=config,
                     train_config={"seed": 0})
-    save_checkpoint(ckpts / "tiny_camera_radar_seed1.pt", model=build_model(config), model_config=config)
+    save_checkpoint(ckpts / "tiny_camera-radar_seed1.pt", model=build_model(config), model_config=config)
     opened: list[str] = []
     real_open = builtins.open
 
@@ -120,18 +120,18 @@ def test_each_checkpoint_is_read_once_per_run(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "open", counting_open)  # pathlib opens through io.open
     out = tmp_path / "lmd"
     args = ["reproduce", "lmd", "--out", str(out), "--checkpoints", str(ckpts), *ARGS]
-    once = ["tiny_camera_radar.pt", "tiny_camera_radar_seed1.pt"]
+    once = ["tiny_camera-radar.pt", "tiny_camera-radar_seed1.pt"]
     assert main(args) == 0  # fresh: seed check and load
     assert sorted(opened) == once
     cells = _cells(out)
-    assert cells["cells/camera_radar/seed0/naive__recomputed.json"]["per_seed_model"] is True
-    assert cells["cells/camera_radar/seed1/naive__recomputed.json"]["checkpoint"].endswith("_seed1.pt")
+    assert cells["cells/camera-radar/seed0/naive__recomputed.json"]["per_seed_model"] is True
+    assert cells["cells/camera-radar/seed1/naive__recomputed.json"]["checkpoint"].endswith("_seed1.pt")
     opened.clear()
     assert main(args) == 0  # all done: fingerprints only
     assert sorted(opened) == once
     opened.clear()
     for name in ("seed0/lmd-paper__frozen.json", "seed1/naive__recomputed.json"):
-        (out / "cells/camera_radar" / name).unlink()
+        (out / "cells/camera-radar" / name).unlink()
     assert main(args) == 0  # resumed: seed check, fingerprints of the cells there, and loading the models
     assert sorted(opened) == once
     again = _cells(out)
@@ -146,6 +146,6 @@ def test_modes_flag_selects_the_cells(checkpoints, tmp_path):
     args = [a if a != "naive,lmd:paper" else "lmd:paper" for a in ARGS]
     assert main(["reproduce", "lmd", "--out", str(out), "--checkpoints", str(checkpoints), "--modes", "frozen",
                  *args]) == 0
-    assert sorted(_cells(out)) == [f"cells/camera_radar/seed{s}/lmd-paper__frozen.json" for s in (0, 1)]
+    assert sorted(_cells(out)) == [f"cells/camera-radar/seed{s}/lmd-paper__frozen.json" for s in (0, 1)]
     assert main(["reproduce", "lmd", "--out", str(out), "--checkpoints", str(checkpoints), "--modes", "sideways",
                  *args]) == 2

@@ -94,12 +94,12 @@ def test_runner_cells_are_atomic_and_resume(tmp_path: Path) -> None:
         raise KeyboardInterrupt  # an interrupted cell leaves nothing behind
 
     with pytest.raises(KeyboardInterrupt):
-        runner._cell("unstructured/a/m/s0.8/seed0.json", crash)
+        runner.store.compute("unstructured/a/m/s0.8/seed0.json", crash)
     assert runner.out == tmp_path / "pretrained"  # the default recipe's cell tree
     assert not (runner.out / "unstructured/a/m/s0.8/seed0.json").exists()
-    assert runner._cell("unstructured/a/m/s0.8/seed0.json", lambda: {"iou": 0.5}) == {"iou": 0.5}
+    assert runner.store.compute("unstructured/a/m/s0.8/seed0.json", lambda: {"iou": 0.5}) == {"iou": 0.5}
     # a finished cell is read back, never recomputed
-    assert runner._cell("unstructured/a/m/s0.8/seed0.json", crash) == {"iou": 0.5}
+    assert runner.store.compute("unstructured/a/m/s0.8/seed0.json", crash) == {"iou": 0.5}
     assert calls == ["crash"]
     assert json.loads((runner.out / "config.json").read_text())["seeds"] == [0]
     jobs = list(runner.jobs())
@@ -159,7 +159,7 @@ def test_reproduce_flags_reach_the_config() -> None:
         ]
     )
     cfg = altermoma_config(args)
-    assert cfg.pairs == ("camera,radar",) and cfg.seeds == (0,) and cfg.methods == ("snip", "altermoma")
+    assert cfg.pairs == ("camera-radar",) and cfg.seeds == (0,) and cfg.methods == ("snip", "altermoma")
     assert cfg.structured_ratios == () and cfg.structured_methods == ("magnitude",)
     assert cfg.ablation_betas == (0.0, 2.0) and cfg.ablation_sparsities == (0.85,) and cfg.finetune_steps == 7
 

@@ -205,7 +205,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lmd.add_argument("--out", default="out/reproduce/lmd", help="cells and results.md")
     lmd.add_argument("--checkpoints", default="out/checkpoints", help="folder of tiny_<pair>[_seed<s>].pt")
     lmd.add_argument(
-        "--pairs", type=lambda t: tuple(t.split(",")), default=("camera_radar", "camera_lidar", "camera_radar_lidar")
+        "--pairs", type=lambda t: tuple(t.split(",")), default=("camera-radar", "camera-lidar", "camera-radar-lidar")
     )
     lmd.add_argument(
         "--methods",

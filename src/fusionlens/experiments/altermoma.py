@@ -1,9 +1,9 @@
 """``fusionlens reproduce altermoma``: the AlterMOMA tables on the built-in world, resumably.
 
-The reference models (:mod:`fusionlens.experiments.reference_models`): by default (``reference_recipe="pretrained"``,
-issue 8) each fusion model is initialised from separately pre-trained single-modality backbones -- the setting
-AlterMOMA prunes; ``"scratch"`` trains it jointly from scratch. ``task`` picks what they are trained and scored
-for (issue 9): ``"segmentation"`` (vehicle IoU, Table 3 layout), ``"detection"`` (a CenterPoint head, nuScenes
+The reference models (:mod:`fusionlens.experiments.reference_models`): by default (``reference_recipe="pretrained"``)
+each fusion model is initialised from separately pre-trained single-modality backbones -- the setting AlterMOMA
+prunes; ``"scratch"`` trains it jointly from scratch. ``task`` picks what they are trained and scored for:
+``"segmentation"`` (vehicle IoU, Table 3 layout), ``"detection"`` (a CenterPoint head, nuScenes
 mAP / NDS, Table 1 layout) or ``"both"``; ``lidar_encoder="pillars"`` and ``camera_depth`` (ResNet-18/34/50/101)
 give Table 4's "various backbones". The pruning loss is the training loss of that task (``reference_loss``).
 
@@ -13,10 +13,11 @@ give Table 4's "various backbones". The pruning loss is the training loss of tha
     fusionlens reproduce altermoma
     fusionlens reproduce altermoma --pairs camera,lidar --task detection --lidar-encoder pillars
 
-Grids (each cell one JSON file under the variant's cell tree, written atomically; an existing cell is never
-recomputed, so an interrupted run resumes where it stopped and loses nothing):
+Grids (each cell one JSON file under the variant's cell tree, :class:`~fusionlens.experiments.cells.CellStore`;
+an existing cell is never recomputed, so an interrupted run resumes where it stopped and loses nothing); pairs are
+spelled ``camera-lidar`` (:func:`fusionlens.modalities.combination_name`):
 
-* ``dense/<pair>.json`` -- the reference model (camera-LiDAR, camera-radar), how it was made, its val metrics;
+* ``dense/<pair>.json`` -- the reference model (camera-lidar, camera-radar), how it was made, its val metrics;
 * ``unstructured/<pair>/<method>/s<rho>/seed<k>.json`` -- Table 1/3 style: every method at 80/85/90%;
 * ``structured/<pair>/<method>/r<ratio>/seed<k>.json`` -- Table 5 style: channel ratio 30/50%, metrics, GFLOPs,
   CPU latency before and after;
@@ -34,7 +35,6 @@ the TP errors) when the model has a detection head.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fusionlens.data.collate import batch_loader
+from fusionlens.experiments.cells import CellStore
 from fusionlens.experiments.reference import CALIBRATION_INPUTS, example_inputs, reference_loss
 from fusionlens.experiments.reference_models import (
     MANAGED_FIELDS,
@@ -55,6 +56,7 @@ from fusionlens.experiments.reference_models import (
     variant_of,
 )
 from fusionlens.io import atomic_write_json, claim_settings
+from fusionlens.modalities import combination_name
 from fusionlens.models import FusionModel, ModelConfig
 from fusionlens.models.config import CAMERA_DEPTHS
 from fusionlens.prune.api import METHODS, build_importance, prune
@@ -68,7 +70,7 @@ from fusionlens.train.loop import TASKS
 @dataclass
 class ReproduceConfig:
     out_dir: str = "out/reproduce/altermoma"
-    pairs: tuple[str, ...] = ("camera,lidar", "camera,radar")
+    pairs: tuple[str, ...] = ("camera-lidar", "camera-radar")  # any spelling parse_modalities reads
     methods: tuple[str, ...] = METHODS
     sparsities: tuple[float, ...] = (0.8, 0.85, 0.9)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -97,7 +99,7 @@ class ReproduceConfig:
     lidar_encoder: str = "raster"  # a registered point encoder: "raster" (SimpleBEV) or "pillars" (PointPillars)
     camera_depth: int = 18  # the camera ResNet's depth
     batch_size: int = 2
-    # the paper fine-tunes with Adam at lr 1e-4; 1e-3 degrades even an unpruned model here (RESULTS, issue 6)
+    # the paper fine-tunes with Adam at lr 1e-4; 1e-3 degrades even an unpruned model here (benchmarks/RESULTS.md)
     finetune_steps: int = 200
     finetune_lr: float = 1e-4
     method_options: dict[str, dict[str, Any]] = field(
@@ -108,6 +110,12 @@ class ReproduceConfig:
             "snip": {"n_batches": 1},
         }
     )
+
+    def __post_init__(self) -> None:
+        # one spelling of a pair in cells, paths and tables, whichever the caller used
+        self.pairs = tuple(combination_name(p) for p in self.pairs)
+        if self.ablation_pair is not None:
+            self.ablation_pair = combination_name(self.ablation_pair)
 
     def validate(self) -> None:
         for rho in self.sparsities:
@@ -143,10 +151,6 @@ class ReproduceConfig:
             raise ValueError(f"reference_freeze_steps must be >= 0, got {self.reference_freeze_steps}")
 
 
-def _slug(pair: str) -> str:
-    return pair.replace(",", "_")
-
-
 #: settings that change what a cell measures (the grid's methods, sparsities and seeds only select cells)
 PROTOCOL_FIELDS: tuple[str, ...] = (
     "train_size", "val_size", "data_seed", "model_overrides", "reference_steps", "reference_batch", "reference_lr",
@@ -175,6 +179,7 @@ class Runner:
         claim_root(self.out, self.variant)  # before any work: refuses a tree of another recipe
         _claim_protocol(self.out, config)  # ... and one whose cells were measured another way
         self._data: tuple[Dataset, Dataset] | None = None
+        self.store = CellStore(self.out)
         self.models = ReferenceModels(config, self.out, self.data, progress)
         atomic_write_json(self.out / "config.json", asdict(config))
 
@@ -219,15 +224,9 @@ class Runner:
         return out
 
     # -- cells ------------------------------------------------------------------------------------------------
-    def _cell(self, rel: str, compute: Any) -> dict[str, Any]:
-        path = self.out / rel
-        if path.is_file():
-            return json.loads(path.read_text())
-        result = compute()
-        atomic_write_json(path, result)
-        return result
-
     def dense(self, pair: str) -> dict[str, Any]:
+        pair = combination_name(pair)
+
         def compute() -> dict[str, Any]:
             model = self.reference(pair)
             first = batch_loader(self.data()[1], 1, shuffle=True, seed=0, drop_last=True)
@@ -242,7 +241,7 @@ class Runner:
                 "n_prunable": sum(model.get_parameter(n).numel() for n in prunable_parameters(model)),
             }
 
-        return self._cell(f"dense/{_slug(pair)}.json", compute)
+        return self.store.compute(f"dense/{pair}.json", compute)
 
     def _options(self, method: str, seed: int, beta: float | None = None) -> dict[str, Any]:
         opts = dict(self.cfg.method_options.get(method, {}))
@@ -266,13 +265,14 @@ class Runner:
     ) -> dict[str, Any]:
         """One pruned + fine-tuned + evaluated cell. ``beta`` files it under the ablation; ``options`` (extra
         method options) with ``group`` under ``<group>/<pair>/<options>/...`` (e.g. the B / lr sweep)."""
+        pair = combination_name(pair)
         if options:
             tag = "_".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(options.items()))
-            rel = f"{group or 'sweep'}/{_slug(pair)}/{method}_{tag}/s{rho:g}/seed{seed}.json"
+            rel = f"{group or 'sweep'}/{pair}/{method}_{tag}/s{rho:g}/seed{seed}.json"
         elif beta is not None:
-            rel = f"ablation/{_slug(pair)}/b{beta:g}/s{rho:g}/seed{seed}.json"
+            rel = f"ablation/{pair}/b{beta:g}/s{rho:g}/seed{seed}.json"
         else:
-            rel = f"unstructured/{_slug(pair)}/{method}/s{rho:g}/seed{seed}.json"
+            rel = f"unstructured/{pair}/{method}/s{rho:g}/seed{seed}.json"
 
         def compute() -> dict[str, Any]:
             torch.manual_seed(seed)
@@ -305,9 +305,11 @@ class Runner:
                 **report,
             }
 
-        return self._cell(rel, compute)
+        return self.store.compute(rel, compute)
 
     def structured(self, pair: str, method: str, ratio: float, seed: int) -> dict[str, Any]:
+        pair = combination_name(pair)
+
         def compute() -> dict[str, Any]:
             torch.manual_seed(seed)
             model = self.reference(pair)
@@ -338,7 +340,7 @@ class Runner:
                 **info,
             }
 
-        return self._cell(f"structured/{_slug(pair)}/{method}/r{ratio:g}/seed{seed}.json", compute)
+        return self.store.compute(f"structured/{pair}/{method}/r{ratio:g}/seed{seed}.json", compute)
 
     # -- the whole run ----------------------------------------------------------------------------------------
     def jobs(self) -> Iterator[tuple[str, tuple]]:

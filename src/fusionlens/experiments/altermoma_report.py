@@ -12,11 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from fusionlens.experiments.cells import CellStore
 from fusionlens.prune.api import METHODS
-
-
-def _slug(pair: str) -> str:
-    return pair.replace(",", "_")
 
 
 def _mean_std(values: list[float]) -> str:
@@ -65,10 +62,7 @@ def _method_table(pair: str, cells: list[dict[str, Any]], dense: dict[str, Any] 
 def summarise(out_dir: str | Path) -> str:
     """Markdown tables (metrics in %) of every finished cell under ``out_dir`` (one variant's cell tree)."""
     out = Path(out_dir)
-
-    def load(pattern: str) -> list[dict[str, Any]]:
-        return [json.loads(p.read_text()) for p in sorted(out.glob(pattern))]
-
+    load = CellStore(out).load
     lines: list[str] = []
     recipe = out / "recipe.json"
     if recipe.is_file():
@@ -137,12 +131,12 @@ def plot_ablation(out_dir: str | Path, path: str | Path) -> Path | None:
 
     from fusionlens.io import atomic_save_with
 
-    cells = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("ablation/*/*/*/*.json"))]
+    store = CellStore(out_dir)
+    cells = store.load("ablation/*/*/*/*.json")
     if not cells:
         return None
     keys = {(c["pair"], c["sparsity"]) for c in cells}
-    for p in sorted(Path(out_dir).glob("unstructured/*/altermoma/*/*.json")):  # alpha = beta = 1
-        main = json.loads(p.read_text())
+    for main in store.load("unstructured/*/altermoma/*/*.json"):  # alpha = beta = 1
         if (main["pair"], main["sparsity"]) in keys:
             cells.append({**main, "beta": 1.0})
     key, label = _metrics(cells)[0]

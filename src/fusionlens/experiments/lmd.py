@@ -1,20 +1,23 @@
 """``fusionlens reproduce lmd``: the LMD paper's tables on the built-in world, resumable.
 
 Every measurement is one *cell* -- (model pair, seed, method, mode) for the perturbation metrics of appendix D.2,
-(pair, seed, method) for ground-truth attribution -- written atomically as JSON under ``<out>/cells``; a rerun
-skips the cells that exist, so an interrupted run resumes. :func:`summarise` turns the cells into markdown tables
-next to the paper's numbers: Table 1 (linearization ablation), Table 2 (BN x norm rules), Table 4 (sum vs ratio
-splitting, PCC and MSE), Table 3 (SHAP vs LMD+SHAP) and the ground-truth attribution table.
+(pair, seed, method) for ground-truth attribution -- a JSON file under ``<out>/cells``
+(:class:`~fusionlens.experiments.cells.CellStore`); a rerun skips the cells that exist, so an interrupted run
+resumes. Pairs are spelled ``camera-radar`` (:func:`fusionlens.modalities.combination_name`). :func:`summarise`
+turns the cells into markdown tables next to the paper's numbers: Table 1 (linearization ablation), Table 2 (BN x
+norm rules), Table 4 (sum vs ratio splitting, PCC and MSE), Table 3 (SHAP vs LMD+SHAP) and the ground-truth
+attribution table.
 
-Seeds: with per-seed checkpoints ``tiny_<pair>_seed<s>.pt`` each seed is a separately trained model; otherwise all
-seeds share ``tiny_<pair>.pt`` and a seed draws another set of anchor samples (the tables say which).
+The models come from the reference-model cache (:mod:`fusionlens.experiments.reference_models`, filled by
+``benchmarks/train_reference.py``). Seeds: with per-seed checkpoints ``tiny_<pair>_seed<s>.pt`` each seed is a
+separately trained model; otherwise all seeds share ``tiny_<pair>.pt`` and a seed draws another set of anchor
+samples (the tables say which).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import random
 import time
@@ -30,17 +33,16 @@ from tqdm.auto import tqdm
 from fusionlens.evaluate.attribution import attribute_objects, summarise_attribution
 from fusionlens.evaluate.baselines import feature_means, make_method
 from fusionlens.evaluate.separation import (
-    LETTERS,
     SampleCache,
     metric_key,
     pairing_offsets,
     perturbation_metrics,
 )
-from fusionlens.io import atomic_write_json
+from fusionlens.experiments.cells import CellStore
+from fusionlens.experiments.reference_models import checkpoint_name
+from fusionlens.modalities import TABLE, combination_name, parse_modalities
 from fusionlens.train.distributed import DistInfo, all_gather_objects, barrier
 
-PAIRS = {"camera_radar": ("camera", "radar"), "camera_lidar": ("camera", "lidar"),
-         "camera_radar_lidar": ("camera", "radar", "lidar")}
 ABLATION = {"lmd:none": "Baseline (no linearization)", "naive": "Naive zero-out",
             "lmd:activations-only": "Activation only",
             "lmd:norms-only": "Normalization only", "lmd:paper": "LMD (ratio)"}
@@ -53,7 +55,7 @@ ATTRIBUTION = ("lmd:paper", "naive", "shapley", "lmd+shap", "captum-ablation", "
 # the paper's PCCs per pair (lmd-summary.md Tables 1-3, appendix Table 4) and Table 4's MSEs; "Xp/Y" = Y's map
 # with X perturbed. Table 2's Identity-Ratio row is the paper preset.
 PAPER: dict[str, dict[str, dict[str, float]]] = {
-    "camera_radar": {
+    "camera-radar": {
         "lmd:none": {"Rp/R": 0.22, "Rp/C": 0.76, "Cp/R": 0.22, "Cp/C": 0.09},
         "lmd:activations-only": {"Rp/R": 0.56, "Rp/C": 0.80, "Cp/R": 0.22, "Cp/C": 0.12},
         "lmd:norms-only": {"Rp/R": 0.50, "Rp/C": 0.99, "Cp/R": 0.93, "Cp/C": 0.38},
@@ -66,7 +68,7 @@ PAPER: dict[str, dict[str, dict[str, float]]] = {
         "shapley": {"Rp/C": 0.69, "Cp/R": 0.67},
         "lmd+shap": {"Rp/C": 0.94, "Cp/R": 0.89},
     },
-    "camera_lidar": {
+    "camera-lidar": {
         "lmd:paper": {"Lp/L": 0.09, "Cp/C": 0.44},
         "shapley": {"Lp/C": 0.71, "Cp/L": 0.72},
         "lmd+shap": {"Lp/C": 0.92, "Cp/L": 0.91},
@@ -84,7 +86,7 @@ FROZEN_ONLY = ("lmd+shap", "lmd+shap-mean")
 class LMDReproduceConfig:
     out_dir: str = "out/reproduce/lmd"
     checkpoints: str = "out/checkpoints"
-    pairs: tuple[str, ...] = ("camera_radar", "camera_lidar", "camera_radar_lidar")
+    pairs: tuple[str, ...] = ("camera-radar", "camera-lidar", "camera-radar-lidar")  # any parse_modalities spelling
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = (*ABLATION, *(f"lmd:{k}" for k in BN_NORM if k != "bn-identity+norm-ratio"),
                                 *SPLITTING, "shapley", "lmd+shap")
@@ -99,10 +101,12 @@ class LMDReproduceConfig:
     data_seed: int = 0
     only_pairs_methods: dict[str, tuple[str, ...]] = field(default_factory=dict)  # pair -> methods subset
 
+    def __post_init__(self) -> None:
+        self.pairs = tuple(_pair(p) for p in self.pairs)
+        self.only_pairs_methods = {_pair(p): tuple(m) for p, m in self.only_pairs_methods.items()}
+
     def check(self) -> None:
-        unknown = [p for p in (*self.pairs, *self.only_pairs_methods) if p not in PAIRS]
-        if unknown:
-            raise ValueError(f"pairs: unknown {unknown}; choose from {list(PAIRS)}")
+        self.__post_init__()  # fields set after construction (the CLI's --pair-methods) get the one spelling too
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
         if self.anchors < 1 or self.anchors > self.val_size:
@@ -118,6 +122,17 @@ class LMDReproduceConfig:
             raise ValueError(f"modes: unknown {bad}")
 
 
+def _pair(text: str) -> str:
+    """The one spelling of a pair of modalities; ``ValueError`` naming the setting otherwise."""
+    try:
+        pair = combination_name(text)
+    except ValueError as exc:
+        raise ValueError(f"pairs: {exc}") from None
+    if "-" not in pair:
+        raise ValueError(f"pairs: {text!r} names one modality; the LMD tables compare two or more")
+    return pair
+
+
 def _spec_id(spec: str) -> str:
     return spec.replace(":", "-").replace("+", "plus")
 
@@ -130,17 +145,18 @@ class LMDRunner:
         config.check()
         self.cfg, self.progress, self.info = config, progress, info or DistInfo()
         self.root = Path(config.out_dir)
+        self.store = CellStore(self.root / "cells")
         self._reads = _CheckpointReads()
 
     def checkpoint(self, pair: str, seed: int) -> tuple[Path, bool]:
         """The checkpoint for ``pair`` at ``seed`` and whether it is a per-seed model."""
         base = Path(self.cfg.checkpoints)
-        per_seed = base / f"tiny_{pair}_seed{seed}.pt"
+        per_seed = base / checkpoint_name(pair, seed=seed)
         if per_seed.is_file():
             return per_seed, True
-        shared = base / f"tiny_{pair}.pt"
+        shared = base / checkpoint_name(pair)
         if not shared.is_file():
-            mods = ",".join(PAIRS[pair])
+            mods = ",".join(parse_modalities(pair))
             raise FileNotFoundError(f"no checkpoint {shared} (train it: fusionlens train --preset tiny --modalities "
                                     f"{mods} --out {shared}, or benchmarks/train_reference.py)")
         # the reference checkpoint is itself the model trained with its own seed (0 for make reference-models)
@@ -166,8 +182,8 @@ class LMDRunner:
     def done(self, cell: tuple[str, int, str, str], fingerprints: dict[tuple[str, int], str]) -> bool:
         """A cell counts as done when its file exists and was measured on the checkpoint that is there now
         (a retrained model makes its cells stale)."""
-        path = self.path(*cell)
-        if not path.is_file():
+        stored = self.store.get(self._rel(*cell))
+        if stored is None:
             return False
         key = (cell[0], cell[1])
         if key not in fingerprints:
@@ -175,10 +191,11 @@ class LMDRunner:
                 fingerprints[key] = self._reads.get(self.checkpoint(*key)[0], weights=False).sha1
             except FileNotFoundError:
                 fingerprints[key] = ""
-        return json.loads(path.read_text()).get("checkpoint_sha1") == fingerprints[key]
+        return stored.get("checkpoint_sha1") == fingerprints[key]
 
-    def path(self, pair: str, seed: int, spec: str, mode: str) -> Path:
-        return self.root / "cells" / pair / f"seed{seed}" / f"{_spec_id(spec)}__{mode}.json"
+    @staticmethod
+    def _rel(pair: str, seed: int, spec: str, mode: str) -> str:
+        return f"{pair}/seed{seed}/{_spec_id(spec)}__{mode}.json"
 
     def run(self) -> None:
         from fusionlens.train.checkpoint import load_model
@@ -238,7 +255,7 @@ class LMDRunner:
                 record["result"] = res.to_dict()
             record["seconds"] = time.perf_counter() - start  # includes preparing samples not yet cached
             if self.info.is_main:
-                atomic_write_json(self.path(pair, seed, spec, mode), record)
+                self.store.put(self._rel(pair, seed, spec, mode), record)
         barrier(self.info)
 
     def _means(self, model: Any, data: Any, cache: dict[str, Any]) -> dict[str, torch.Tensor] | None:
@@ -299,10 +316,6 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_cells(root: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((root / "cells").glob("*/seed*/*.json"))]
-
-
 def _fmt(values: Sequence[float], digits: int = 2) -> str:
     vals = [v for v in values if not math.isnan(v)]
     if not vals:
@@ -313,7 +326,7 @@ def _fmt(values: Sequence[float], digits: int = 2) -> str:
 
 
 def _columns(pair: str, keys: Sequence[str] | None = None) -> list[str]:
-    mods = PAIRS[pair]
+    mods = parse_modalities(pair)
     cols = [metric_key(p, m) for p in mods for m in mods]
     return [c for c in cols if keys is None or c in keys]
 
@@ -329,7 +342,7 @@ def _table(cells: list[dict[str, Any]], pair: str, rows: dict[str, str], metric:
             if not mine:
                 continue
             vals = {k: [c["result"]["summary"][metric][k][0] for c in mine] for k in cols}
-            ref = (PAPER_MSE if metric == "mse" and pair == "camera_radar" else PAPER.get(pair, {})).get(spec, {})
+            ref = (PAPER_MSE if metric == "mse" and pair == "camera-radar" else PAPER.get(pair, {})).get(spec, {})
             ref_txt = ", ".join(f"{k} {v:.2f}" for k, v in ref.items()) if metric == "pcc" or spec in PAPER_MSE else ""
             lines.append(f"| {label} | {mode} | {len(mine)} | " + " | ".join(_fmt(vals[k]) for k in cols)
                          + f" | {ref_txt or '—'} |")
@@ -339,7 +352,7 @@ def _table(cells: list[dict[str, Any]], pair: str, rows: dict[str, str], metric:
 def summarise(out_dir: str | Path, fingerprint: Callable[[Path], str] | None = None) -> str:
     """Markdown tables from the cells under ``out_dir`` (module docstring). ``fingerprint``: a checkpoint file's
     SHA-1 (default: read it; the CLI passes :meth:`LMDRunner.fingerprint`, which has read them already)."""
-    cells = _load_cells(Path(out_dir))
+    cells = CellStore(Path(out_dir) / "cells").load("*/seed*/*.json")
     if not cells:
         raise FileNotFoundError(f"no result cells under {out_dir}/cells (run 'fusionlens reproduce lmd' first)")
     fingerprint = fingerprint or _fingerprint
@@ -352,7 +365,7 @@ def summarise(out_dir: str | Path, fingerprint: Callable[[Path], str] | None = N
              "PCC (MSE where stated) of each modality's seg-logit map, mean ± std over seeds of the per-seed mean "
              "over anchor samples. *frozen*: perturbed inputs through the network linearized at the clean input "
              "(the paper's protocol); *recomputed*: a full decomposition of the perturbed input. Letters: Xp/Y = "
-             "modality Y's map when X is perturbed (" + ", ".join(f"{v} = {k}" for k, v in LETTERS.items()) + ")."]
+             "modality Y's map when X is perturbed (" + ", ".join(f"{m.letter} = {m.name}" for m in TABLE) + ")."]
     if sep:
         c0 = sep[0]["result"]
         # a seed is its own model only if no other seed of the pair used the same checkpoint
@@ -369,10 +382,14 @@ def summarise(out_dir: str | Path, fingerprint: Callable[[Path], str] | None = N
         parts.append(f"({stale} cells measured on an earlier version of their checkpoint were left out.)")
     bn_rows = {f"lmd:{k}": v for k, v in BN_NORM.items()}
     bn_rows["lmd:paper"] = "Identity-Ratio (= paper preset)"
-    for pair in PAIRS:
+    # pairs in table order: camera-radar, camera-lidar, camera-radar-lidar
+    names = [m.name for m in TABLE]
+    pairs = sorted({c["pair"] for c in cells},
+                   key=lambda p: (len(parse_modalities(p)), [names.index(m) for m in parse_modalities(p)]))
+    for pair in pairs:
         if not any(c["pair"] == pair for c in sep):
             continue
-        parts += ["", f"## {pair.replace('_', '-')}", "", "### Table 1: linearization ablation (PCC)", "",
+        parts += ["", f"## {pair}", "", "### Table 1: linearization ablation (PCC)", "",
                   _table(sep, pair, ABLATION, "pcc"), "", "### Table 2: BN x norm rules (PCC)", "",
                   _table(sep, pair, bn_rows, "pcc"), "",
                   "### Table 4: activation sum vs ratio splitting (PCC, then MSE)", "",
@@ -384,16 +401,16 @@ def summarise(out_dir: str | Path, fingerprint: Callable[[Path], str] | None = N
                   "objects counted over all seeds; detected = mean fused probability over its cells > 0.5.", "",
                   "| pair | method | seeds | objects (per sensor) | right sensor (all) | per sensor | detected | "
                   "right sensor (detected) | share to it |", "|---|---|---|---|---|---|---|---|---|"]
-        for pair in PAIRS:
+        for pair in pairs:
             for spec in ATTRIBUTION:
                 mine = [c for c in att if c["pair"] == pair and c["method"] == f"attribution:{spec}"]
                 if not mine:
                     continue
-                mods = PAIRS[pair]
+                mods = parse_modalities(pair)
                 per = {m: sum(c["summary"]["all"][m]["objects"] for c in mine) for m in mods}
                 detected = sum(c["summary"]["detected"]["overall"]["objects"] for c in mine)
                 per_correct = " · ".join(f"{m} {_fmt([c['summary']['all'][m]['correct'] for c in mine])}" for m in mods)
-                parts.append(f"| {pair.replace('_', '-')} | {spec} | {len(mine)} | {sum(per.values())} ("
+                parts.append(f"| {pair} | {spec} | {len(mine)} | {sum(per.values())} ("
                              + ", ".join(f"{m} {n}" for m, n in per.items()) + ") | "
                              f"{_fmt([c['summary']['all']['overall']['correct'] for c in mine])} | {per_correct} | "
                              f"{detected} | {_fmt([c['summary']['detected']['overall']['correct'] for c in mine])} | "
