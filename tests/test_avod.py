@@ -13,7 +13,7 @@ from torchvision.ops import roi_align
 
 from fusionlens.data.kitti import KittiDataset, parse_calib, project_boxes
 from fusionlens.decompose import decompose
-from fusionlens.models.avod import AvodDetector, avod_preset, bev_boxes, bev_input, image_boxes
+from fusionlens.models.avod import AvodDetector, avod_preset, bev_boxes, bev_input, image_boxes, roi_align_torch
 from fusionlens.models.avod_lmd import avod_inputs  # noqa: F401  (registers the roi_align rule)
 from fusionlens.train.avod import collate_kitti, evaluate_avod, train_avod
 from fusionlens.world import WorldConfig
@@ -43,6 +43,19 @@ def test_bev_input_by_hand():
     assert bev[0, 20, 40] == pytest.approx(0.1 / 0.6, abs=1e-5)
     assert bev[5, 20, 40] == pytest.approx(math.log(3) / math.log(16))
     assert int((bev[:5] > 0).sum()) == 2 and int((bev[5] > 0).sum()) == 1  # the others lie outside
+
+
+def test_roi_align_in_torch_equals_torchvision_and_differentiates_twice():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 11, dtype=torch.double, requires_grad=True)
+    rois = torch.tensor([[0, 0.5, 1.0, 5.5, 6.0], [1, -1.5, 2.0, 12.9, 4.5], [0, 3, 3, 3.2, 3.1],
+                         [1, -3, -3, -0.5, 20]], dtype=torch.double)  # inside, over the edges, tiny, mostly outside
+    for aligned in (True, False):
+        torch.testing.assert_close(roi_align_torch(x, rois, 3, 1.0, 2, aligned), roi_align(x, rois, 3, 1.0, 2, aligned),
+                                   atol=1e-12, rtol=0)
+    (g,) = torch.autograd.grad(roi_align_torch(x, rois, 2).pow(2).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), x)  # the second derivative torchvision's kernel refuses
+    assert torch.isfinite(gg).all() and gg.abs().sum() > 0
 
 
 def test_crop_boxes_by_hand():

@@ -25,6 +25,7 @@ partners (the crops of the one view, nothing fused).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -125,6 +126,44 @@ def bev_input(points: torch.Tensor, cfg: AvodConfig) -> torch.Tensor:
     count = torch.zeros(nx * ny).index_add_(0, ix * ny + iy, torch.ones_like(z))
     density = torch.clamp(torch.log(count + 1) / math.log(16.0), max=1.0)
     return torch.cat([maps.view(s, nx, ny), density.view(1, nx, ny)])
+
+
+def roi_align_torch(features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float = 1.0,
+                    sampling_ratio: int = 2, aligned: bool = True) -> torch.Tensor:
+    """``torchvision.ops.roi_align`` (a fixed ``sampling_ratio``) in plain torch indexing, with its sampling and
+    border rules (a sample beyond one pixel outside the map is 0, one within is clamped to the edge), so that it
+    can be differentiated twice -- torchvision's kernel has no double backward, which ProsPr's meta-gradient
+    needs. ``rois`` ``(K, 5)`` = (sample, x1, y1, x2, y2)."""
+    _, _, h, w = features.shape
+    p, s = output_size, sampling_ratio
+    offset = 0.5 if aligned else 0.0
+    x1, y1 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
+    rw, rh = rois[:, 3] * spatial_scale - offset - x1, rois[:, 4] * spatial_scale - offset - y1
+    if not aligned:
+        rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
+    steps = ((torch.arange(p)[:, None] * s + torch.arange(s)[None, :] + 0.5) / s).reshape(-1).to(rois)  # bin units
+    ys = (y1[:, None] + steps[None] * (rh / p)[:, None])[:, :, None].expand(-1, p * s, p * s)
+    xs = (x1[:, None] + steps[None] * (rw / p)[:, None])[:, None, :].expand(-1, p * s, p * s)
+    inside = (ys >= -1.0) & (ys <= h) & (xs >= -1.0) & (xs <= w)
+
+    def corners(v: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        v = v.clamp(min=0.0)
+        low = v.floor().long()
+        edge = low >= size - 1
+        low = torch.where(edge, size - 1, low)
+        high = torch.where(edge, size - 1, low + 1)
+        frac = torch.where(edge, torch.zeros_like(v), v - low.to(v.dtype))
+        return low, high, frac
+
+    yl, yh, ly = corners(ys, h)
+    xl, xh, lx = corners(xs, w)
+    b = rois[:, 0].long()[:, None, None]
+    value = (((1 - ly) * (1 - lx))[..., None] * features[b, :, yl, xl]
+             + ((1 - ly) * lx)[..., None] * features[b, :, yl, xh]
+             + (ly * (1 - lx))[..., None] * features[b, :, yh, xl] + (ly * lx)[..., None] * features[b, :, yh, xh])
+    value = value * inside[..., None].to(value.dtype)  # (K, P*S, P*S, C)
+    k, c = value.shape[0], value.shape[-1]
+    return value.view(k, p, s, p, s, c).mean(dim=(2, 4)).permute(0, 3, 1, 2)
 
 
 class FeaturePyramid(nn.Module):
@@ -254,6 +293,7 @@ class AvodDetector(nn.Module):
         self.rpn = _Head(cfg.bottleneck * cfg.rpn_crop ** 2, cfg.rpn_hidden, {"objectness": 1, "deltas": 6})
         self.second = _Head(cfg.bottleneck * cfg.crop ** 2, cfg.hidden,
                             {"cls": n_cls + 1, "box": 6 * n_cls, "orientation": 2, "direction": 2})
+        self.roi_align: Callable[..., torch.Tensor] = roi_align  # roi_align_torch where double backward is needed
         anchors, anchor_cls = make_anchors(cfg)
         self.register_buffer("anchors", anchors, persistent=False)
         self.register_buffer("anchor_cls", anchor_cls, persistent=False)
@@ -282,7 +322,7 @@ class AvodDetector(nn.Module):
                     sel = batch == b
                     rois[sel] = image_boxes(boxes[sel], lidar_to_image[b], tuple(feats[view].shape[-2:]))
             rois = torch.cat([batch[:, None].to(boxes.dtype), rois], 1)
-            views.append(roi_align(feats[view], rois, size, spatial_scale=1.0, sampling_ratio=2, aligned=True))
+            views.append(self.roi_align(feats[view], rois, size, spatial_scale=1.0, sampling_ratio=2, aligned=True))
         return views
 
     def valid_anchors(self, bev: torch.Tensor | None, lidar_to_image: torch.Tensor,
@@ -363,6 +403,16 @@ class AvodDetector(nn.Module):
             keep_boxes.append(bx[kept])
             keep_batch.append(torch.full((len(kept),), b, dtype=torch.long, device=boxes.device))
         return torch.cat(keep_boxes), torch.cat(keep_batch)
+
+    def modality_groups(self) -> dict[str, list[str]]:
+        """Parameter names per view backbone (its feature pyramid) and ``"fusion"`` for the RPN and second stage,
+        the groups AlterMOMA masks alternately (paper section 3)."""
+        groups: dict[str, list[str]] = {m: [] for m in self.cfg.modalities}
+        groups["fusion"] = []
+        for name, _ in self.named_parameters():
+            owner = {"image_fpn": "camera", "bev_fpn": "lidar"}.get(name.split(".")[0], "fusion")
+            groups[owner].append(name)
+        return groups
 
     def describe(self) -> Any:
         """This detector to the analyses (:func:`fusionlens.models.avod_lmd.avod_spec`)."""
