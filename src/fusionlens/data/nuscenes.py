@@ -39,7 +39,8 @@ from torch.utils.data import Dataset
 
 from fusionlens.data import _nuscenes_points as pts
 from fusionlens.data.labels import DEFAULT_CENTER_SIGMA_M, boxes_to_bev, vehicle_mask
-from fusionlens.data.sample import CAMERA_NAMES, CLASSES, MODALITIES, RADAR_NAMES, BEVGrid, Sample
+from fusionlens.data.sample import CAMERA_NAMES, CLASSES, RADAR_NAMES, BEVGrid, Sample
+from fusionlens.modalities import NAMES as MODALITIES
 
 VERSIONS: tuple[str, ...] = ("v1.0-trainval", "v1.0-test", "v1.0-mini")
 TABLES: tuple[str, ...] = ("attribute", "calibrated_sensor", "category", "ego_pose", "instance", "log", "map",

@@ -36,7 +36,6 @@ CAMERA_NAMES: tuple[str, ...] = (
 RADAR_NAMES: tuple[str, ...] = (
     "RADAR_FRONT", "RADAR_FRONT_LEFT", "RADAR_FRONT_RIGHT", "RADAR_BACK_LEFT", "RADAR_BACK_RIGHT",
 )
-MODALITIES: tuple[str, ...] = ("camera", "radar", "lidar")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from fusionlens.data.sample import MODALITIES, BEVGrid
+from fusionlens.data.sample import BEVGrid
+from fusionlens.modalities import NAMES as MODALITIES
 
 CAMERA_DEPTHS: tuple[int, ...] = (18, 34, 50, 101)
 PRESETS: tuple[str, ...] = ("tiny", "small", "paper")

@@ -17,17 +17,13 @@ import torch
 from torch import nn
 
 from fusionlens.data.collate import collate_samples
+from fusionlens.modalities import modality as get_modality
 from fusionlens.models.bev import BEVDecoder, FusionLayer, Head
 from fusionlens.models.camera import CameraEncoder, lift_to_bev
 from fusionlens.models.config import ModelConfig
 from fusionlens.models.registry import get_head, get_point_encoder
 from fusionlens.spec import ModelSpec
 
-# batch-dict key of each modality's tensor, and the forward kwargs (batch keys) each modality needs
-MODALITY_BATCH_KEY: dict[str, str] = {"camera": "images", "radar": "radar", "lidar": "lidar"}
-MODALITY_KWARGS: dict[str, tuple[str, ...]] = {
-    "camera": ("intrinsics", "cam_to_ego"), "radar": ("radar_valid",), "lidar": ("lidar_valid",),
-}
 BUILTIN_OUTPUTS: tuple[str, ...] = ("seg", "center", "offset")
 
 
@@ -103,7 +99,7 @@ class FusionModel(nn.Module):
             raise ValueError(f"modality inputs disagree on batch size: {batch}")
         b = next(iter(batch.values()))
         for modality in self.modalities:
-            for key in MODALITY_KWARGS[modality]:
+            for key in get_modality(modality).kwargs:
                 if kwargs.get(key) is None:
                     raise ValueError(f"modality {modality} needs keyword argument {key!r}")
         if "camera" in self.modalities:
@@ -157,7 +153,7 @@ class FusionModel(nn.Module):
         calibration / valid masks travelling with their modality, and the fusion layer's inputs as its fusion level."""
         return ModelSpec(
             self, inputs=lambda batch: batch_to_inputs(self, batch), output="seg",
-            travels={m: MODALITY_KWARGS[m] for m in self.modalities},
+            travels={m: get_modality(m).kwargs for m in self.modalities},
             fusion=(lambda inputs, kwargs: self.bev_features(**inputs, **kwargs), self.decode),
             collate=collate_samples, grid=self.config.grid, modalities=self.modalities)
 
@@ -188,11 +184,11 @@ def batch_to_inputs(model: FusionModel,
     inputs: dict[str, torch.Tensor] = {}
     kwargs: dict[str, Any] = {}
     for modality in modalities:
-        key = MODALITY_BATCH_KEY[modality]
+        key = get_modality(modality).batch_key
         if batch.get(key) is None:
             raise ValueError(f"batch has no {key!r} tensor but the model uses modality {modality}")
         inputs[modality] = batch[key]
-        for kw in MODALITY_KWARGS[modality]:
+        for kw in get_modality(modality).kwargs:
             if batch.get(kw) is None:
                 raise ValueError(f"batch has no {kw!r} but the model uses modality {modality}")
             kwargs[kw] = batch[kw]

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from fusionlens.data.collate import collate_samples
 from fusionlens.io import atomic_write_json
+from fusionlens.modalities import modality
 from fusionlens.models import FusionModel, ModelConfig, batch_to_inputs, build_model
 from fusionlens.train.checkpoint import (
     config_differences,
@@ -156,8 +157,7 @@ def check_dataset(dataset: Dataset, config: ModelConfig, name: str) -> None:
     sample = dataset[0]
     if sample.grid != config.grid:
         raise ValueError(f"{name} dataset grid {sample.grid} differs from the model config grid {config.grid}")
-    attr = {"camera": "images", "radar": "radar", "lidar": "lidar"}
-    missing = [m for m in config.modalities if getattr(sample, attr[m]) is None]
+    missing = [m for m in config.modalities if getattr(sample, modality(m).batch_key) is None]
     if missing:
         raise ValueError(f"{name} dataset has no {missing} data but the model uses {list(config.modalities)}")
 
