@@ -1,4 +1,5 @@
-"""``fusionlens kitti export``: write the built-in world as a KITTI 3-D object split; and the KITTI paths of
+"""``fusionlens kitti export``: write the built-in world as a KITTI 3-D object split; ``fusionlens kitti tables``:
+AlterMOMA's KITTI Tables 2 / 6 on such a split (:mod:`fusionlens.experiments.kitti`); and the KITTI paths of
 ``fusionlens train --data kitti --model avod`` / ``fusionlens evaluate --data kitti`` (the two-stage AVOD-style
 detector on a KITTI-layout folder, evaluated by the benchmark's rules)."""
 
@@ -8,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fusionlens.io import atomic_write_json
+from fusionlens.io import atomic_write_json, atomic_write_text
 
 KITTI_MODALITIES = ("camera", "lidar")
 
@@ -104,6 +105,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--dontcare-beyond", type=float, default=50.0, help="objects farther ahead become DontCare")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=run_export)
+    t = sub.add_parser("tables", help="AlterMOMA Tables 2 / 6: the AVOD-style detector pruned by every method")
+    t.add_argument("--dataroot", required=True, help="KITTI-layout folder (train and val splits)")
+    t.add_argument("--out", required=True, help="folder of reference checkpoints, cells and tables.md")
+    t.add_argument("--methods", default="imp,synflow,snip,prospr,altermoma")
+    t.add_argument("--sparsities", default="0.8,0.9")
+    t.add_argument("--seeds", default="0,1,2")
+    t.add_argument("--classes", default="Car,Pedestrian")
+    t.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
+    t.add_argument("--reference-steps", type=int, default=1200)
+    t.add_argument("--finetune-steps", type=int, default=100)
+    t.add_argument("--finetune-lr", type=float, default=1e-4, help="the paper's Adam learning rate")
+    t.add_argument("--scoring-batches", type=int, default=4)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=run_tables)
+
+
+def run_tables(args: argparse.Namespace) -> int:
+    from fusionlens.experiments.kitti import KittiProtocol, KittiTables
+
+    protocol = KittiProtocol(preset=args.preset, classes=_classes(args.classes), reference_steps=args.reference_steps,
+                             finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+                             scoring_batches=args.scoring_batches)
+    harness = KittiTables(args.dataroot, args.out, protocol, progress=not args.no_progress)
+    text = harness.run(_classes(args.methods), [float(v) for v in args.sparsities.split(",")],
+                       [int(v) for v in args.seeds.split(",")])
+    atomic_write_text(Path(args.out) / "tables.md", text + "\n")
+    print(text)
+    return 0
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

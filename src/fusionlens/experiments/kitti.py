@@ -139,7 +139,7 @@ class KittiTables:
                            progress=self.progress, **options)
             model = result.model
             model.roi_align = roi_align
-            info = {"sparsity": result.report.get("sparsity")}
+            info = {"achieved_sparsity": result.report.get("sparsity")}
         ev = evaluate_avod(model, self.val_set)
         record = {"method": method, "sparsity": sparsity, "seed": seed, "seconds": round(time.time() - t0, 1),
                   **info, **ev.to_dict()}
