@@ -1,17 +1,19 @@
-"""Reference models on the built-in world (issues 3 and 8): train the tiny camera-only, radar-only, LiDAR-only,
-camera-radar, camera-LiDAR and three-modality models with one schedule, then (``--pretrained``) the camera-radar
-and camera-LiDAR models initialised from the single-modality backbones, and measure cross-modality redundancy.
+"""Reference models on the built-in world: train the tiny camera-only, radar-only, LiDAR-only, camera-radar,
+camera-LiDAR and three-modality models with one schedule, then (``--pretrained``) the camera-radar and camera-LiDAR
+models initialised from the single-modality backbones, and measure cross-modality redundancy.
 
     nice -n 10 python benchmarks/train_reference.py --steps 300 --train-size 512 --val-size 128
-    nice -n 10 python benchmarks/train_reference.py ... --pretrained        # issue 8 (trains what is missing)
+    nice -n 10 python benchmarks/train_reference.py ... --pretrained        # (trains what is missing)
 
-Checkpoints land in ``--out-dir`` (default ``out/checkpoints``) as ``tiny_<name>.pt`` with ``.metrics.json``;
-``reference.json`` / ``pretrained.json`` there collect the numbers, and a Markdown table is printed. A model whose
-checkpoint already holds the same config and schedule is not retrained (``--force`` retrains) and one cut off
-mid-schedule continues from its last save, so an interrupted run loses at most ``save_every`` steps.
+The models are the reference-model cache of ``fusionlens.experiments.reference_models`` (the one ``fusionlens
+reproduce lmd`` reads): ``--out-dir`` (default ``out/checkpoints``) holds ``tiny_<modalities>[_pre][_seed<s>].pt``
+(e.g. ``tiny_camera-radar_pre.pt``) with ``.metrics.json``; ``reference.json`` / ``pretrained.json`` there collect
+the numbers, and a Markdown table is printed. A model whose checkpoint already holds the same config and schedule
+is not retrained, one cut off mid-schedule continues from its last save (an interrupted run loses at most
+``save_every`` steps), and one made with other settings is refused with the differences (``--force`` retrains).
 Each checkpoint is also reproducible by one command, printed next to it, e.g.
 ``fusionlens train --preset tiny --modalities camera,radar --steps 300 --train-size 512 --val-size 128
---out out/checkpoints/tiny_camera_radar.pt``.
+--out out/checkpoints/tiny_camera-radar.pt``.
 """
 
 from __future__ import annotations
@@ -25,27 +27,19 @@ from typing import Any
 
 import torch
 
+from fusionlens.experiments.reference_models import camera_trunk, checkpoint_name, train_cached
 from fusionlens.io import atomic_write_json
+from fusionlens.modalities import combination_name, parse_modalities
 from fusionlens.models import preset_config
-from fusionlens.train.camera_pretrain import CameraPretrainConfig, pretrain_camera
-from fusionlens.train.checkpoint import load_checkpoint, load_model
+from fusionlens.train.checkpoint import load_model
 from fusionlens.train.data import open_dataset
-from fusionlens.train.loop import TrainConfig, train
-from fusionlens.train.pretrained import backbone_initialiser, freeze_hooks
+from fusionlens.train.loop import TrainConfig
 from fusionlens.train.redundancy import redundancy_report
 
-MODELS: dict[str, str] = {
-    "camera": "camera",
-    "radar": "radar",
-    "lidar": "lidar",
-    "camera_radar": "camera,radar",
-    "camera_lidar": "camera,lidar",
-    "camera_radar_lidar": "camera,radar,lidar",
-}
-PRETRAINED: dict[str, dict[str, str]] = {
-    "camera_radar_pre": {"camera": "camera", "radar": "radar"},
-    "camera_lidar_pre": {"camera": "camera", "lidar": "lidar"},
-}
+#: the reference models by the one spelling of their modalities (fusionlens.modalities.combination_name)
+MODELS: tuple[str, ...] = ("camera", "radar", "lidar", "camera-radar", "camera-lidar", "camera-radar-lidar")
+#: the fusion models also made from the single-modality models' backbones (``--pretrained``)
+PRETRAINED: tuple[str, ...] = ("camera-radar", "camera-lidar")
 COND_COLUMNS = (
     "day",
     "dusk",
@@ -60,13 +54,17 @@ COND_COLUMNS = (
 )
 
 
-def _command(name: str, mods: str, args: argparse.Namespace, extra: str = "", seed: int = 0) -> str:
+def _path(name: str, args: argparse.Namespace, pretrained: bool = False, seed: int = 0) -> Path:
+    return Path(args.out_dir) / checkpoint_name(name, pretrained=pretrained, seed=seed or None)
+
+
+def _command(name: str, args: argparse.Namespace, path: Path, extra: str = "", seed: int = 0) -> str:
     extra = (f" --seed {seed}" if seed else "") + extra
-    weights = f" --camera-weights {args.camera_trunk}" if "camera" in mods and args.camera_trunk else ""
+    weights = f" --camera-weights {args.camera_trunk}" if "camera" in name and args.camera_trunk else ""
     return (
-        f"fusionlens train --preset tiny --modalities {mods} --steps {args.steps} --batch-size "
-        f"{args.batch_size} --lr {args.lr} --train-size {args.train_size} --val-size {args.val_size} "
-        f"--out {args.out_dir}/tiny_{name}.pt{weights}{extra}"
+        f"fusionlens train --preset tiny --modalities {','.join(parse_modalities(name))} --steps {args.steps} "
+        f"--batch-size {args.batch_size} --lr {args.lr} --train-size {args.train_size} --val-size {args.val_size} "
+        f"--out {path}{weights}{extra}"
     )
 
 
@@ -74,72 +72,41 @@ def _camera_trunk(args: argparse.Namespace) -> None:
     """The world-pretrained camera trunk every camera model starts from (``fusionlens pretrain camera``)."""
     if not args.camera_trunk:
         return
-    config = CameraPretrainConfig(world_seed=args.data_seed, frames=args.trunk_frames, steps=args.trunk_steps)
     if not Path(args.camera_trunk).is_file():
         print(f"== camera trunk: fusionlens pretrain camera --frames {args.trunk_frames} --steps {args.trunk_steps} "
               f"--data-seed {args.data_seed} --out {args.camera_trunk}", flush=True)
-    report = pretrain_camera(config, args.camera_trunk, progress=not args.no_progress)  # reused if already made
+    report = camera_trunk(args.camera_trunk, depth=18, frames=args.trunk_frames, steps=args.trunk_steps,
+                          world_seed=args.data_seed, progress=not args.no_progress)  # reused if already made
     print("camera trunk val pixel IoU", json.dumps(report["val_pixel_iou"]), flush=True)
 
 
 def _train_one(
     name: str,
-    mods: str,
     tcfg: TrainConfig,
     data: tuple[Any, Any],
     args: argparse.Namespace,
-    init_from: dict[str, str] | None = None,
+    pretrained: bool = False,
 ) -> dict[str, Any]:
-    path = Path(args.out_dir) / f"tiny_{name}.pt"
-    grid = data[0][0].grid
+    """One model of the cache (fusionlens.experiments.reference_models.train_cached): reused when made with these
+    settings, continued when cut off, trained otherwise; a file made with other settings is refused (--force
+    retrains it)."""
+    mods = parse_modalities(name)
+    path = _path(name, args, pretrained, tcfg.seed)
     weights = {"camera_weights": args.camera_trunk} if "camera" in mods and args.camera_trunk else {}
-    config = preset_config("tiny", mods, grid=grid, **weights)
-    resume = False
-    if path.is_file() and not args.force:
-        payload = load_checkpoint(path)
-        same = payload["model_config"] == config.to_dict() and payload["train_config"] and {
-            k: payload["train_config"].get(k) for k in ("steps", "batch_size", "lr", "seed")
-        } == {"steps": tcfg.steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr, "seed": tcfg.seed}
-        if same and payload["step"] == tcfg.steps and payload["metrics"]:
-            seconds = json.loads(path.with_suffix(".metrics.json").read_text())["seconds"]
-            print(f"{name}: reusing {path}", flush=True)
-            return {
-                "name": name,
-                "modalities": mods,
-                "metrics": payload["metrics"],
-                "seconds": seconds,
-                "checkpoint": str(path),
-            }
-        resume = bool(same) and payload["step"] < tcfg.steps  # an interrupted run continues exactly
-    prepare, hooks = None, (None, None)
-    extra = ""
-    if init_from:
-        prepare = backbone_initialiser(init_from)
-        hooks = freeze_hooks(list(init_from), args.freeze_steps)
-        extra = "".join(f" --init-from {m}={p}" for m, p in init_from.items())
-        extra += f" --freeze-steps {args.freeze_steps}"
-    print(f"== {name} ({mods}): {_command(name, mods, args, extra, tcfg.seed)}", flush=True)
-    res = train(
-        config,
-        tcfg,
-        data[0],
-        val_set=data[1],
-        checkpoint=path,
-        resume=resume,
-        prepare_model=prepare,
-        step_hook=hooks[0],
-        after_backward=hooks[1],
-        progress=not args.no_progress,
-    )
-    print(f"{name}: val IoU {res.metrics['all']:.4f} in {res.seconds:.0f} s", flush=True)
-    return {
-        "name": name,
-        "modalities": mods,
-        "metrics": res.metrics,
-        "seconds": res.seconds,
-        "checkpoint": str(path),
-        "command": _command(name, mods, args, extra, tcfg.seed),
-    }
+    config = preset_config("tiny", mods, grid=data[0][0].grid, **weights)
+    init_from, extra = None, ""
+    if pretrained:
+        init_from = {m: str(_path(m, args)) for m in mods}
+        extra = "".join(f" --init-from {m}={p}" for m, p in init_from.items()) + f" --freeze-steps {args.freeze_steps}"
+    label = f"{combination_name(mods)}{' (pre-trained backbones)' if pretrained else ''}"
+    command = _command(name, args, path, extra, tcfg.seed)
+    print(f"== {label}: {command}", flush=True)
+    train_cached(path, config, tcfg, data[0], val_set=data[1], init_from=init_from, freeze_steps=args.freeze_steps,
+                 force=args.force, progress=not args.no_progress)
+    report = json.loads(path.with_suffix(".metrics.json").read_text())
+    print(f"{label}: val IoU {report['metrics']['all']:.4f} in {report['seconds']:.0f} s", flush=True)
+    return {"name": path.stem.removeprefix("tiny_"), "modalities": ",".join(mods), "metrics": report["metrics"],
+            "seconds": report["seconds"], "checkpoint": str(path), "command": command}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -192,8 +159,8 @@ def main() -> None:
     ap.add_argument("--trunk-frames", type=int, default=512)
     ap.add_argument("--extra-seeds", default="", help="also train these seeds (e.g. 1,2) of --seed-models, as "
                     "tiny_<name>_seed<s>.pt: the per-seed models of the LMD reproduction and the seed spread")
-    ap.add_argument("--seed-models", default="radar,lidar,camera_radar,camera_lidar")
-    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--seed-models", default="radar,lidar,camera-radar,camera-lidar")
+    ap.add_argument("--force", action="store_true", help="retrain models cached with other settings")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -204,31 +171,25 @@ def main() -> None:
         open_dataset("builtin", "val", size=args.val_size, seed=args.data_seed),
     )
     out = Path(args.out_dir)
-    names = args.only.split(",") if args.only else list(MODELS)
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        raise SystemExit(f"--only: unknown models {unknown}; known {list(MODELS)}")
+    names = _models("--only", args.only) if args.only else list(MODELS)
+    seed_names = _models("--seed-models", args.seed_models)
     _camera_trunk(args)
-    seed_names = [n for n in args.seed_models.split(",") if n]
-    if sorted(set(seed_names) - set(MODELS)):
-        raise SystemExit(f"--seed-models: unknown models {sorted(set(seed_names) - set(MODELS))}")
     if not args.pretrained:
-        rows = [_train_one(n, MODELS[n], tcfg, data, args) for n in names]
+        rows = [_train_one(n, tcfg, data, args) for n in names]
         atomic_write_json(out / "reference.json", {"args": vars(args), "rows": rows})
         print(table(rows))
         _seed_models(seed_names, tcfg, data, args)
         return
     # the recipe in one command: single-modality backbones and scratch fusion models (reused when present),
     # then the fusion models initialised from the backbones
-    base = [_train_one(n, MODELS[n], tcfg, data, args) for n in MODELS]
-    rows = []
-    for name, sources in PRETRAINED.items():
-        init = {m: str(out / f"tiny_{src}.pt") for m, src in sources.items()}
-        rows.append(_train_one(name, ",".join(sources), tcfg, data, args, init_from=init))
+    base = [_train_one(n, tcfg, data, args) for n in MODELS]
+    rows = [_train_one(name, tcfg, data, args, pretrained=True) for name in PRETRAINED]
     report: dict[str, Any] = {}
     red_val = torch.utils.data.Subset(data[1], range(min(args.redundancy_size, len(data[1]))))
-    for name in ("camera_radar", "camera_radar_pre", "camera_lidar", "camera_lidar_pre"):
-        model, _ = load_model(out / f"tiny_{name}.pt")
+    for pair, pretrained in ((p, pre) for p in PRETRAINED for pre in (False, True)):
+        path = _path(pair, args, pretrained)
+        name = path.stem.removeprefix("tiny_")
+        model, _ = load_model(path)
         report[name] = redundancy_report(
             model,
             data[0],
@@ -244,10 +205,22 @@ def main() -> None:
     _seed_models(seed_names, tcfg, data, args)
 
 
+def _models(flag: str, text: str) -> list[str]:
+    """Model names from a comma list of modality combinations (``camera-radar,lidar``; ``camera_radar`` reads too)."""
+    try:
+        names = [combination_name(n) for n in text.split(",") if n.strip()]
+    except ValueError as exc:
+        raise SystemExit(f"{flag}: {exc}") from None
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"{flag}: unknown models {unknown}; known {list(MODELS)}")
+    return names
+
+
 def _seed_models(names: list[str], tcfg: TrainConfig, data: tuple[Any, Any], args: argparse.Namespace) -> None:
     """``--extra-seeds``: the same models trained with other seeds (``tiny_<name>_seed<s>.pt``)."""
     seeds = [int(v) for v in args.extra_seeds.split(",") if v.strip()]
-    rows = [_train_one(f"{n}_seed{s}", MODELS[n], replace(tcfg, seed=s), data, args) for s in seeds for n in names]
+    rows = [_train_one(n, replace(tcfg, seed=s), data, args) for s in seeds for n in names]
     if rows:
         atomic_write_json(Path(args.out_dir) / "seeds.json", {"args": vars(args), "rows": rows})
         print(table(rows))
