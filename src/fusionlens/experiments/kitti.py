@@ -1,12 +1,13 @@
 """AlterMOMA's KITTI tables (Table 2: Car; appendix E Table 6: Car, Pedestrian, Cyclist) on the world's KITTI
 export: the AVOD-style detector pruned by AlterMOMA and the baselines, AP-3D and AP-BEV at easy / moderate / hard.
 
-Protocol: one reference detector per seed is trained on the export's train split (cached as
-``<out>/reference_seed<k>.pt``); each (method, sparsity, seed) cell prunes a copy with the backbones (the two
-feature pyramids) as the modality groups and the RPN + second stage as fusion (unstructured, one global
-threshold), fine-tunes it with Adam at the paper's learning rate (section 4.2) and evaluates it on the val split
-by the KITTI rules (:mod:`fusionlens.evaluate.kitti`). Cells are JSON files under ``<out>/cells``; a cell already
-there is read, not recomputed, and the folder's protocol is recorded and checked (:func:`fusionlens.io.claim_settings`).
+Protocol: a reference detector is trained on the export's train split (cached as ``<out>/reference_seed<k>.pt``;
+by default one, seed 0, that every pruning seed starts from, as the paper prunes one trained model); each
+(method, sparsity, seed) cell prunes a copy with the backbones (the two feature pyramids) as the modality groups
+and the RPN + second stage as fusion (unstructured, one global threshold), fine-tunes it with Adam at the paper's
+learning rate (section 4.2) and evaluates it on the val split by the KITTI rules (:mod:`fusionlens.evaluate.kitti`).
+Cells are JSON files under ``<out>/cells``; a cell already there is read, not recomputed, and the folder's
+protocol is recorded and checked (:func:`fusionlens.io.claim_settings`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class KittiProtocol:
     finetune_steps: int = 100
     finetune_lr: float = 1e-4
     scoring_batches: int = 4
+    reference_seed: int | None = 0  # one reference detector for every pruning seed; None: one per seed
 
 
 class KittiTables:
@@ -91,6 +93,9 @@ class KittiTables:
                        what="cells of another KITTI protocol:", remedy="use another --out folder")
 
     def reference(self, seed: int) -> Any:
+        """The unpruned detector cell ``seed`` starts from (trained once, then read from its checkpoint)."""
+        if self.protocol.reference_seed is not None:
+            seed = self.protocol.reference_seed
         path = self.out / f"reference_seed{seed}.pt"
         if path.is_file():
             return load_avod(path)[0]
@@ -147,7 +152,8 @@ class KittiTables:
         return record
 
     def run(self, methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int]) -> str:
-        cells = [self.cell("none", None, s) for s in seeds]
+        references = [self.protocol.reference_seed] if self.protocol.reference_seed is not None else seeds
+        cells = [self.cell("none", None, s) for s in references]
         cells += [self.cell(m, sp, s) for sp in sparsities for m in methods for s in seeds]
         return tables(cells, self.protocol.classes, methods, sparsities)
 
