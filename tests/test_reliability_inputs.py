@@ -65,6 +65,16 @@ def test_a_checkpoint_that_is_not_one_is_named_with_what_it_is(command, kind, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"] and bad.read_bytes() == data
 
 
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_a_kitti_detector_checkpoint_that_is_not_one(kind, tmp_path, capsys):
+    data, what = BAD_FILES[kind]
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(data)
+    err = run_cli(["evaluate", "--data", "kitti", "--dataroot", str(tmp_path), "--checkpoint", str(bad)], capsys)
+    assert f"error: checkpoint {bad} {what}" in err
+    assert err.rstrip().endswith("not an AVOD checkpoint (fusionlens train --model avod)")
+
+
 def test_truncated_and_damaged_checkpoints(trained, tmp_path):
     data = trained.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])

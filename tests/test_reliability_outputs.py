@@ -3,6 +3,7 @@ overwritten; atomically written files get the mode a plain ``open`` would give t
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import stat
@@ -47,9 +48,9 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the output path was checked")
 
-    for module in ("fusionlens.cli.train", "fusionlens.cli.evaluate", "fusionlens.cli.explain",
-                   "fusionlens.cli.prune"):
-        monkeypatch.setattr(f"{module}.dataset_for", refuse)
+    modules = [importlib.import_module(f"fusionlens.cli.{name}") for name in ("train", "evaluate", "explain", "prune")]
+    for module in modules:  # all imported first: one imported after train was patched would keep the patch
+        monkeypatch.setattr(module, "dataset_for", refuse)
     monkeypatch.setattr("fusionlens.train.camera_pretrain.pretrain_camera", refuse)
     monkeypatch.setattr("fusionlens.viz.world.plot_sample", refuse)
 
@@ -88,7 +89,7 @@ def test_out_that_is_a_directory_is_refused_before_work(command, checkpoint, tmp
 
 
 @pytest.mark.parametrize("command", ["train", "prune", "evaluate", "pretrain", "explain", "world show",
-                                     "reproduce lmd", "reproduce altermoma"])
+                                     "reproduce lmd", "reproduce altermoma", "train avod", "evaluate kitti"])
 def test_out_under_a_regular_file_is_refused_before_work(command, checkpoint, tmp_path, capsys, no_work):
     (tmp_path / "file.txt").write_text("not a folder")
     out = tmp_path / "file.txt" / "x.pt"
@@ -96,7 +97,11 @@ def test_out_under_a_regular_file_is_refused_before_work(command, checkpoint, tm
             "explain": ["explain", "--checkpoint", str(checkpoint), "--data", "synthetic", "--out", str(out)],
             "world show": ["world", "show", "--out", str(out)],
             "reproduce lmd": ["reproduce", "lmd", "--out", str(out), "--no-progress"],
-            "reproduce altermoma": ["reproduce", "altermoma", "--out", str(out), "--no-progress"]}[command]
+            "reproduce altermoma": ["reproduce", "altermoma", "--out", str(out), "--no-progress"],
+            "train avod": ["train", "--model", "avod", "--data", "kitti", "--dataroot", str(tmp_path),
+                           "--out", str(out)],
+            "evaluate kitti": ["evaluate", "--data", "kitti", "--dataroot", str(tmp_path), "--checkpoint",
+                               str(checkpoint), "--out", str(out)]}[command]
     err = run_cli(argv, capsys)
     assert f"--out {out}: {tmp_path / 'file.txt'} is a file, not a folder" in err
     assert tree(tmp_path) == {"file.txt": b"not a folder"}

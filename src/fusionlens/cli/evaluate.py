@@ -16,12 +16,12 @@ from fusionlens.train.loop import check_dataset, evaluate
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out:
+        check_output_path("--out", args.out, inputs={"--checkpoint": args.checkpoint})
     if args.data == "kitti":
         from fusionlens.cli.kitti import run_evaluate
 
         return run_evaluate(args)
-    if args.out:
-        check_output_path("--out", args.out, inputs={"--checkpoint": args.checkpoint})
     device = torch.device(args.device)
     info = init_distributed(device)
     if device.type == "cuda":

@@ -92,6 +92,9 @@ def _check_input_files(config: ModelConfig, init_from: dict[str, str], resume: b
 
 
 def run(args: argparse.Namespace) -> int:
+    init_from = _parse_kv(args.init_from or [], "--init-from")
+    inputs = {"--camera-weights": args.camera_weights, **{f"--init-from {m}": p for m, p in init_from.items()}}
+    out = check_output_path("--out", args.out, inputs=inputs, sidecar_suffixes=(".metrics.json",))
     if args.model == "avod" or args.data == "kitti":
         from fusionlens.cli.kitti import run_train
 
@@ -110,9 +113,6 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         task=args.task,
     )
-    init_from = _parse_kv(args.init_from or [], "--init-from")
-    inputs = {"--camera-weights": args.camera_weights, **{f"--init-from {m}": p for m, p in init_from.items()}}
-    out = check_output_path("--out", args.out, inputs=inputs, sidecar_suffixes=(".metrics.json",))
     if out.exists() and not (args.resume or args.overwrite):
         raise ValueError(f"--out {args.out} exists: pass --resume to continue that run or --overwrite to replace it")
     if args.resume:

@@ -31,7 +31,7 @@ from fusionlens.data.kitti import (
     project_boxes,
 )
 from fusionlens.evaluate.kitti import KITTI_IMAGE_HEIGHT, KittiEvaluation, evaluate_kitti
-from fusionlens.io import atomic_torch_save
+from fusionlens.io import atomic_torch_save, load_torch_file
 from fusionlens.models.avod import AvodConfig, AvodDetector, bev_input, encode_aa
 from fusionlens.models.rotated_iou import rotated_nms
 
@@ -291,7 +291,7 @@ def train_avod(cfg: AvodConfig, train_set: KittiDataset, *, steps: int, batch_si
 
 
 def load_avod(path: str | Path) -> tuple[AvodDetector, dict[str, Any]]:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_torch_file(path, what="checkpoint", expected="an AVOD checkpoint (fusionlens train --model avod)")
     if not isinstance(payload, dict) or payload.get("kind") != "avod":
         raise ValueError(f"{path} is not an AVOD checkpoint written by 'fusionlens train --model avod'")
     model = AvodDetector(AvodConfig.from_dict(payload["avod_config"]))
