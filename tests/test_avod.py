@@ -167,3 +167,21 @@ def test_roi_align_rule_is_superposition_on_mixed_features():
 
     with pytest.raises(NotImplementedError, match="not linear in them"):
         decompose(BoxesFromFeatures().double().eval(), {"image": image, "lidar": lidar}, forward_kwargs={"rois": rois})
+
+
+def test_detection_shares_sum_to_one_and_follow_the_components(split):
+    from fusionlens.models.avod_lmd import detection_shares
+
+    ds = KittiDataset(split, "val", classes=("Car", "Pedestrian"))
+    torch.manual_seed(2)
+    model = AvodDetector(TINY).eval().double()
+    batch = collate_kitti([ds[0]], TINY)
+    batch = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    rows = detection_shares(model, batch)
+    d = model.describe().decompose(batch)
+    assert len(rows) == len(batch["proposals"]) > 0
+    for k, row in enumerate(rows[:5]):
+        c = row["class"] + 1
+        cam, lid = float(d.components["camera"][k, c]), float(d.components["lidar"][k, c])
+        assert row["shares"]["camera"] == pytest.approx(cam / (cam + lid))
+        assert row["shares"]["camera"] + row["shares"]["lidar"] == pytest.approx(1.0)

@@ -78,3 +78,26 @@ def avod_spec(model: nn.Module) -> Any:
         model, inputs=lambda batch: avod_inputs(model, batch), arguments={"camera": "image", "lidar": "bev"},
         output="second", fusion="fusion" if len(model.cfg.modalities) > 1 else None,
         collate=lambda items: collate_kitti(items, model.cfg), modalities=tuple(model.cfg.modalities))
+
+
+def detection_shares(model: nn.Module, batch: dict[str, Any], kind: str = "signed",
+                     **decompose_kwargs: Any) -> list[dict[str, Any]]:
+    """Per proposal of the operating point: its sample, box ``(6,)``, predicted class (index into the detector's
+    classes, -1 for background), that class's probability and each modality's share of the class's logit (the
+    LMD components of the second stage's class logit, :func:`fusionlens.evaluate.regions.modality_shares`)."""
+    from fusionlens.evaluate.regions import modality_shares
+
+    spec = avod_spec(model)
+    d = spec.decompose(batch, **decompose_kwargs)
+    n_cls = len(model.cfg.classes)
+    logits = d.output[:, : n_cls + 1]
+    probs = logits.softmax(1)
+    rows = []
+    for k in range(len(logits)):
+        c = int(probs[k].argmax())
+        where = torch.zeros_like(d.output, dtype=torch.bool)
+        where[k, c] = True
+        rows.append({"sample": int(batch["proposal_batch"][k]), "box": batch["proposals"][k].tolist(),
+                     "class": c - 1, "probability": float(probs[k, c]),
+                     "shares": modality_shares(d, where, kind=kind)})
+    return rows
