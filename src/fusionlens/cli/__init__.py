@@ -8,7 +8,7 @@ import importlib
 import sys
 
 _COMMAND_MODULES: tuple[str, ...] = (
-    "world", "pretrain", "train", "evaluate", "prune", "reproduce", "explain", "kitti",
+    "world", "pretrain", "train", "evaluate", "prune", "reproduce", "explain", "kitti", "audit",
 )
 
 
