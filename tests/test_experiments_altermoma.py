@@ -184,3 +184,39 @@ def test_cli_detection_run_writes_table_1_into_its_tree(tmp_path, synthetic, cap
     results = (tmp_path / "scratch-detection/results.md").read_text()
     assert "| magnitude |" in results and "80% mAP | 80% NDS" in results
     assert not (tmp_path / "results.md").exists()  # the legacy tree's table is left alone
+
+
+def test_reference_cache_reuses_continues_refuses_and_forces(tmp_path, monkeypatch):
+    """train_cached, the one cache of reference models: a finished file is reused, a cut-off one continued, one made
+    with other settings refused naming the difference, and retrained only when forced."""
+    from fusionlens.experiments.reference_models import checkpoint_name, train_cached
+    from fusionlens.models import build_model, preset_config
+    from fusionlens.train.checkpoint import save_checkpoint
+    from fusionlens.train.loop import TrainConfig
+    from fusionlens.train.synthetic import TEST_GRID
+
+    assert checkpoint_name("camera,radar") == "tiny_camera-radar.pt"
+    assert checkpoint_name(["lidar", "camera"], pretrained=True, seed=2) == "tiny_camera-lidar_pre_seed2.pt"
+    config = preset_config("tiny", "camera,lidar", grid=TEST_GRID, **SMALL)
+    schedule = TrainConfig(steps=4, batch_size=2, lr=1e-3, seed=0)
+    calls: list[dict] = []
+    monkeypatch.setattr("fusionlens.train.loop.train", lambda *a, **k: calls.append(k))
+    path = tmp_path / checkpoint_name("camera-lidar")
+
+    def saved(step: int, **changes: object) -> None:
+        save_checkpoint(path, model=build_model(config), model_config=config,
+                        train_config={**schedule.to_dict(), **changes}, step=step)
+
+    train_cached(path, config, schedule, SyntheticDataset(2), progress=False)  # no file: trained
+    assert len(calls) == 1 and calls[0]["resume"] is False
+    saved(4)
+    assert train_cached(path, config, schedule, SyntheticDataset(2), progress=False) == path and len(calls) == 1
+    saved(2)  # cut off at step 2 of 4: continued
+    train_cached(path, config, schedule, SyntheticDataset(2), progress=False)
+    assert len(calls) == 2 and calls[1]["resume"] is True
+    saved(4, lr=3e-3)
+    with pytest.raises(ValueError, match=r"tiny_camera-lidar.pt was made with other settings -- lr: wanted 0.001"):
+        train_cached(path, config, schedule, SyntheticDataset(2), progress=False)
+    assert len(calls) == 2
+    train_cached(path, config, schedule, SyntheticDataset(2), force=True, progress=False)
+    assert len(calls) == 3 and calls[2]["resume"] is False
