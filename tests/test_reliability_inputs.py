@@ -14,6 +14,7 @@ import torchvision
 from fusionlens.cli import main
 from fusionlens.io import describe_torch_file, load_torch_file
 from fusionlens.models import build_model, preset_config
+from fusionlens.train.checkpoint import save_checkpoint
 from fusionlens.train.loop import TrainConfig, train
 from fusionlens.train.synthetic import TEST_GRID, SyntheticDataset
 
@@ -181,3 +182,17 @@ def test_nuscenes_table_that_is_broken_json_or_of_the_wrong_structure(tmp_path, 
     err = run_cli(base, capsys)
     assert "scene.json has the wrong structure: record 1 is not an object with a 'token' string" in err
     assert not (tmp_path / "t.pt").exists()
+
+
+def test_reproduce_lmd_with_a_model_of_another_pair_under_the_pair_s_name(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = preset_config("tiny", "camera,lidar", **{k: v for k, v in SMALL.items() if k != "image_size"})
+    wrong = tmp_path / "ckpts" / "tiny_camera-radar.pt"
+    save_checkpoint(wrong, model=build_model(config), model_config=config)
+    out = tmp_path / "lmd"
+    err = run_cli(["reproduce", "lmd", "--out", str(out), "--checkpoints", str(wrong.parent), "--pairs",
+                   "camera-radar", "--data", "synthetic", "--seeds", "0", "--val-size", "13", "--anchors", "1",
+                   "--count", "1", "--methods", "naive", "--attribution-methods", "", "--no-progress"], capsys)
+    assert (f"error: checkpoint {wrong} holds a camera-lidar model, not camera-radar (--pairs camera-radar); "
+            "retrain it: fusionlens train --preset tiny --modalities camera,radar") in err
+    assert not list(out.glob("cells/**/*.json"))  # refused before the first cell

@@ -153,7 +153,7 @@ class LMDRunner:
         base = Path(self.cfg.checkpoints)
         per_seed = base / checkpoint_name(pair, seed=seed)
         if per_seed.is_file():
-            return per_seed, True
+            return self._of_pair(pair, per_seed), True
         shared = base / checkpoint_name(pair)
         if not shared.is_file():
             mods = ",".join(parse_modalities(pair))
@@ -161,7 +161,17 @@ class LMDRunner:
                                     f"{mods} --out {shared}, or benchmarks/train_reference.py)")
         # the reference checkpoint is itself the model trained with its own seed (0 for make reference-models)
         trained_with = (self._reads.get(shared, weights=False).train_config or {}).get("seed")
-        return shared, trained_with == seed
+        return self._of_pair(pair, shared), trained_with == seed
+
+    def _of_pair(self, pair: str, path: Path) -> Path:
+        """``path``, once it is known to hold a model of exactly ``pair``'s modalities (another pair's model under
+        this name would only fail deep inside the metrics, on a missing modality's column)."""
+        has, want = self._reads.get(path, weights=False).modalities, parse_modalities(pair)
+        if set(has) != set(want):
+            raise ValueError(f"checkpoint {path} holds a {combination_name(has)} model, not {combination_name(want)} "
+                             f"(--pairs {pair}); retrain it: fusionlens train --preset tiny --modalities "
+                             f"{','.join(want)} --out {path}")
+        return path
 
     def fingerprint(self, path: str | Path) -> str:
         """SHA-1 of a checkpoint file (the cells' ``checkpoint_sha1``); no second read of one this runner read."""
@@ -208,7 +218,7 @@ class LMDRunner:
         # the last (pair, seed) that loads them
         files: dict[tuple[str, int], tuple[Path, bool]] = {}
         for key in dict.fromkeys(cell[:2] for cell in todo):
-            with contextlib.suppress(FileNotFoundError, ValueError):  # fails when its turn comes, as it always did
+            with contextlib.suppress(FileNotFoundError):  # fails when its turn comes; a wrong file fails now
                 files[key] = self.checkpoint(*key)
         uses = Counter(str(path) for path, _ in files.values())
         self._reads.drop_weights(keep=uses)
@@ -272,6 +282,7 @@ class _Read:
     stamp: tuple[int, int]  # size and mtime of the file when read
     sha1: str
     train_config: dict[str, Any] | None
+    modalities: tuple[str, ...]
     payload: dict[str, Any] | None  # what load_model needs; None once no cell left in the run loads it
 
 
@@ -291,7 +302,8 @@ class _CheckpointReads:
         if entry is None or entry.stamp != stamp or (weights and entry.payload is None):
             payload, sha1 = read_checkpoint(path)
             slim = {k: payload.get(k) for k in ("format", "model_config", "train_config", "model")}  # no optimizer
-            entry = self._files[str(path)] = _Read(stamp, sha1, payload.get("train_config"), slim)
+            modalities = tuple((payload.get("model_config") or {}).get("modalities", ()))
+            entry = self._files[str(path)] = _Read(stamp, sha1, payload.get("train_config"), modalities, slim)
         return entry
 
     def sha1(self, path: Path) -> str:
