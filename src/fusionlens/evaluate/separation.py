@@ -40,10 +40,10 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from fusionlens.modalities import modality as modality_entry
 from fusionlens.spec import ModelSpec, Prepared, Subject, as_spec
 from fusionlens.train.distributed import DistInfo, all_gather_objects
 
-LETTERS = {"camera": "C", "radar": "R", "lidar": "L"}
 DEFAULT_COUNT = 12  # appendix D.2: m = 1..12
 
 
@@ -138,8 +138,15 @@ class SeparationResult:
 
 
 def metric_key(perturbed: str, modality: str) -> str:
-    """``"Rp/C"``: camera's map when radar is perturbed."""
-    return f"{LETTERS.get(perturbed, perturbed)}p/{LETTERS.get(modality, modality)}"
+    """``"Rp/C"``: camera's map when radar is perturbed (the table's letters; a user's own modality by its name)."""
+    return f"{_letter(perturbed)}p/{_letter(modality)}"
+
+
+def _letter(name: str) -> str:
+    try:
+        return modality_entry(name).letter
+    except ValueError:
+        return name
 
 
 class SampleCache:

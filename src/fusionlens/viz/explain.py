@@ -23,6 +23,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from fusionlens.data.sample import BEVGrid  # noqa: E402
 from fusionlens.io import atomic_save_with  # noqa: E402
+from fusionlens.modalities import modality  # noqa: E402
 
 if TYPE_CHECKING:
     from fusionlens.evaluate.explain import Explanation
@@ -32,12 +33,11 @@ FALLBACK_COLOURS = ("#ffb000", "#00e5ff", "#ff40ff", "#7CFC00", "#ff6347", "#937
 
 
 def modality_colour(name: str, index: int = 0) -> str:
-    """The colour of a modality in every figure (its entry in the modality table, else a fixed fallback)."""
+    """The colour of a modality in every figure: its entry in :mod:`fusionlens.modalities`, else (a user's own
+    modality name) a fixed fallback by position."""
     try:
-        from fusionlens.modalities import modality
-
         return modality(name).colour
-    except (ImportError, KeyError, ValueError):
+    except ValueError:
         return FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)]
 
 
