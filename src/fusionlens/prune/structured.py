@@ -27,8 +27,9 @@ listed in the report: its producers also feed other layers, which the isolated-b
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +134,7 @@ class PlanEntry:
     idxs: list[int]
     consumer: str | None = None
     columns: list[int] = field(default_factory=list)
-    fallback: list[PlanEntry] = field(default_factory=list)  # tried instead if this entry fails its check
+    fallback: Callable[[], list[PlanEntry]] | None = None  # the entries tried instead if this one fails its check
 
 
 def plan_channels(
@@ -176,19 +177,18 @@ def plan_channels(
         if consumer is None:
             plan += [native] if native is not None else []
             continue
-        try:  # the fallback if Torch-Pruning's own mapping of this group fails its forward check
-            fallback = _plan_producers(
-                model, group, consumer, scores, ratio, example_inputs, ignored, planned, claimed, graphs
-            )
-        except RuntimeError as exc:  # the probe found a column fed by two producers
-            fallback = []
-            if native is None:
-                left[names[root]] = f"cannot map its channels (RuntimeError: {str(exc).splitlines()[0]})"
+        # the fallback if Torch-Pruning's own mapping of this group fails its forward check (planned only then)
+        fallback = functools.partial(
+            _plan_producers, model, group, consumer, scores, ratio, example_inputs, ignored, planned, claimed, graphs
+        )
         if native is not None:
             native.fallback = fallback
             plan.append(native)
-        else:
-            plan += fallback
+            continue
+        try:
+            plan += fallback()
+        except RuntimeError as exc:  # the probe found a column fed by two producers
+            left[names[root]] = f"cannot map its channels (RuntimeError: {str(exc).splitlines()[0]})"
     return plan, left
 
 
@@ -405,8 +405,13 @@ def structured_prune(
             break
         except _Failed as failed:  # rebuild from the unpruned copy, replay, and try the entry's fallback or skip it
             entry = plan[failed.index]
-            if entry.fallback:  # failures come in plan order: later indices are not in `skipped` yet
-                plan[failed.index : failed.index + 1] = entry.fallback
+            try:
+                fallback = entry.fallback() if entry.fallback is not None else []
+            except RuntimeError as exc:  # the probe found a column fed by two producers
+                fallback = []
+                failed.reason += f"; the fallback cannot map it either ({str(exc).splitlines()[0]})"
+            if fallback:  # failures come in plan order: later indices are not in `skipped` yet
+                plan[failed.index : failed.index + 1] = fallback
                 checked = failed.index
             else:
                 skipped[failed.index] = failed.reason
