@@ -234,12 +234,12 @@ class ReferenceModels:
         c = self.cfg
         schedule = TrainConfig(steps=c.reference_steps, batch_size=c.reference_batch, lr=c.reference_lr,
                                seed=c.data_seed, save_every=SAVE_EVERY, task=c.task)
-        trunk = None
-        if config.camera_weights is not None:
-            def trunk() -> None:
-                camera_trunk(self.dir / CAMERA_TRUNK, c.camera_depth, c.trunk_frames, c.trunk_steps, c.data_seed,
-                             progress=self.progress)
-
         train_set, val_set = self.data()
         return train_cached(path, config, schedule, train_set, val_set if validate else None, init_from=init_from,
-                            freeze_steps=c.reference_freeze_steps, before=trunk, progress=self.progress)
+                            freeze_steps=c.reference_freeze_steps, progress=self.progress,
+                            before=self._camera_trunk if config.camera_weights is not None else None)
+
+    def _camera_trunk(self) -> None:
+        c = self.cfg
+        camera_trunk(self.dir / CAMERA_TRUNK, c.camera_depth, c.trunk_frames, c.trunk_steps, c.data_seed,
+                     progress=self.progress)
