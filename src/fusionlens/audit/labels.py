@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from fusionlens.data.labels import vehicle_mask
 from fusionlens.data.sample import CLASSES, Sample
 from fusionlens.evaluate.attribution import Visibility
 from fusionlens.train.metrics import condition_tags
@@ -74,15 +75,16 @@ LabelsFn = Callable[[Any], "SampleLabels | Mapping[str, Any] | None"]
 
 def sample_labels(sample: Sample, modalities: Sequence[str],
                   visibility: Visibility = DEFAULT_VISIBILITY) -> SampleLabels:
-    """The labels of a built-in-world or nuScenes :class:`Sample`: boxes and class names, condition / fault tags,
-    the vehicle map as target (with its valid mask) and, where the sample has the world's visibility truth, which
-    of ``modalities`` saw each object."""
+    """The labels of a built-in-world or nuScenes :class:`Sample`: its vehicles (the studied map is vehicle
+    occupancy) with their class names, condition / fault tags, the vehicle map as target (with its valid mask) and,
+    where the sample has the world's visibility truth, which of ``modalities`` saw each vehicle."""
+    keep = vehicle_mask(sample.box_labels)
     truth = sample.visibility or {}
     seen_by = None
-    if all(k in truth for k in ("camera_pixels", "radar_points", "lidar_points")) and sample.boxes.shape[0]:
-        seen = visibility.sensors(truth, modalities)
+    if all(k in truth for k in ("camera_pixels", "radar_points", "lidar_points")) and bool(keep.any()):
+        seen = visibility.sensors({k: v[keep] for k, v in truth.items()}, modalities)
         seen_by = [tuple(m for j, m in enumerate(modalities) if seen[i, j]) for i in range(seen.shape[0])]
-    return SampleLabels(boxes=sample.boxes, classes=[CLASSES[int(c)] for c in sample.box_labels],
+    return SampleLabels(boxes=sample.boxes[keep], classes=[CLASSES[int(c)] for c in sample.box_labels[keep]],
                         tags=condition_tags(sample.meta), seen_by=seen_by, target=sample.bev_seg,
                         valid=sample.bev_valid)
 
