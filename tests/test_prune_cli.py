@@ -169,3 +169,34 @@ def test_runner_config_errors(tmp_path: Path) -> None:
         Runner(ReproduceConfig(out_dir=str(tmp_path), sparsities=(1.0,)))
     with pytest.raises(ValueError, match="unknown methods"):
         Runner(ReproduceConfig(out_dir=str(tmp_path), methods=("obd",)))
+
+
+def test_cli_structured_checkpoint_opens_in_evaluate_and_explain(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The structured checkpoint is a fusionlens checkpoint of plain tensors with the pruned shapes recorded:
+    load_model (what evaluate / explain / prune use) rebuilds the pruned architecture from the config, with the
+    reported parameter count, and two loads compute the same outputs."""
+    from fusionlens.models import build_model, preset_config
+    from fusionlens.train.checkpoint import load_checkpoint, load_model, save_checkpoint
+    from fusionlens.train.synthetic import TEST_GRID, SyntheticDataset
+
+    cfg = preset_config("tiny", "camera,lidar", grid=TEST_GRID, point_bev_channels=8)
+    torch.manual_seed(0)
+    ref = save_checkpoint(tmp_path / "ref.pt", model=build_model(cfg, load_camera_weights=False), model_config=cfg)
+    out = tmp_path / "s.pt"
+    args = ["prune", "--checkpoint", str(ref), "--method", "magnitude", "--sparsity", "0.5", "--structured",
+            "--finetune-steps", "1", "--data", "synthetic", "--train-size", "2", "--val-size", "0", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0, capsys.readouterr().err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["structured"] and report["n_params_after"] < 0.6 * report["n_params_before"]
+    assert report["cost_after"]["gflops"] < report["cost_before"]["gflops"]
+    model, payload = load_model(out)
+    assert sum(p.numel() for p in model.parameters()) == report["n_params_after"]
+    assert model.fusion.conv.in_channels < build_model(cfg, load_camera_weights=False).fusion.conv.in_channels
+    assert all(isinstance(v, torch.Tensor) for v in payload["model"].values())  # no pickled module
+    from fusionlens.data.collate import collate_samples
+    from fusionlens.experiments.reference import example_inputs
+
+    x = example_inputs(model, collate_samples([SyntheticDataset(1, TEST_GRID)[0]]))
+    again, _ = load_model(out, payload=load_checkpoint(out))
+    assert all(torch.equal(model(**x)[k], again(**x)[k]) for k in model(**x))

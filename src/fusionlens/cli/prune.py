@@ -1,5 +1,7 @@
-"""``fusionlens prune``: prune a trained reference checkpoint with AlterMOMA or a baseline, fine-tune it with
-the masks fixed, and write the pruned checkpoint (dense weights with zeros + masks) and a JSON report.
+"""``fusionlens prune``: prune a trained reference checkpoint with AlterMOMA or a baseline (weights, or whole
+channels with ``--structured``) through :func:`fusionlens.prune.prune`, fine-tune it, and write the pruned model as
+a fusionlens checkpoint (masks folded into plain weights, the masks and, for ``--structured``, the pruned shapes
+under ``extra["pruning"]``: ``fusionlens evaluate`` / ``explain`` rebuild it from its config) and a JSON report.
 
     fusionlens prune --method altermoma --sparsity 0.85 --checkpoint out/checkpoints/model.pt
     fusionlens prune --method prospr --sparsity 0.3 --structured --checkpoint ... --out out/pruned/s.pt
@@ -16,20 +18,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from fusionlens.cli.train import add_data_arguments, dataset_for, finite_float
-from fusionlens.experiments.reference import (
-    CALIBRATION_INPUTS,
-    example_inputs,
-    load_reference,
-    reference_loss,
-    save_pruned,
-)
-from fusionlens.io import atomic_torch_save, atomic_write_json, check_output_path, check_same_source
+from fusionlens.experiments.reference import CALIBRATION_INPUTS, example_inputs, load_reference, reference_loss
+from fusionlens.io import atomic_write_json, check_output_path, check_same_source
 from fusionlens.prune.altermoma import DEFAULT_REACTIVATION_LR, DEFAULT_REACTIVATION_STEPS
-from fusionlens.prune.api import METHOD_OPTIONS, METHODS, build_importance, prune
+from fusionlens.prune.api import METHOD_OPTIONS, METHODS, prune
 from fusionlens.prune.cost import cost_report
-from fusionlens.prune.params import check_sparsity, prunable_parameters, resolve_groups
-from fusionlens.prune.pruner import finetune
-from fusionlens.prune.structured import structured_prune
+from fusionlens.prune.params import check_sparsity, resolve_groups
+from fusionlens.prune.serialize import pruning_record
+from fusionlens.train.checkpoint import save_checkpoint
 
 # CLI flag -> (method, option name)
 _OPTION_FLAGS: dict[str, tuple[str, str]] = {
@@ -102,48 +98,35 @@ def run(args: argparse.Namespace) -> int:
     }
     if val_set is not None:
         report["iou_before"] = float(evaluate(model, val_set, batch_size=4, progress=False)["all"])
+    result = prune(
+        model,
+        args.method,
+        sparsity,
+        structured=args.structured,
+        example_inputs=ex,
+        loss_fn=loss_fn,
+        batches=batches,
+        finetune_steps=args.finetune_steps,
+        finetune_lr=args.finetune_lr,
+        progress=not args.no_progress,
+        **opts,
+    )
+    pruned = result.model
+    report.update({k: v for k, v in result.report.items() if k != "prunable"})
     if args.structured:
-        importance = build_importance(args.method, loss_fn=loss_fn, batches=batches, input_factory=lambda: ex, **opts)
-        scores = importance(model, prunable_parameters(model), sparsity)
-        info: dict[str, Any] = {}
-        pruned = structured_prune(model, scores, sparsity, ex, report=info)
-        finetune(pruned, loss_fn, batches, args.finetune_steps, lr=args.finetune_lr, progress=not args.no_progress)
-        report.update(
-            channel_ratio=sparsity,
-            scoring_backward_passes=importance.backward_passes,
-            **info,
-            cost_before=cost_report(model, ex),
-            cost_after=cost_report(pruned, ex),
-        )
-        atomic_torch_save(
-            out,
-            {
-                "format": "fusionlens-structured-v1",
-                "model": pruned,
-                "model_config": model.config.to_dict(),
-                "report": report,
-            },
-        )
-    else:
-        result = prune(
-            model,
-            args.method,
-            sparsity,
-            loss_fn=loss_fn,
-            batches=batches,
-            input_factory=lambda: ex,
-            finetune_steps=args.finetune_steps,
-            finetune_lr=args.finetune_lr,
-            progress=not args.no_progress,
-            **opts,
-        )
-        pruned = result.model
-        report.update({k: v for k, v in result.report.items() if k != "prunable"})
+        report.update(cost_before=cost_report(model, ex), cost_after=cost_report(pruned, ex))
     if val_set is not None:
         report["iou_after"] = float(evaluate(pruned, val_set, batch_size=4, progress=False)["all"])
-    if not args.structured:
-        save_pruned(out, pruned, payload, report)
     report["output"] = str(out)
+    dense, record = pruning_record(pruned)  # masks folded into plain weights; shapes for a structured model
+    save_checkpoint(
+        out,
+        model=dense,
+        model_config=model.config,
+        train_config=payload.get("train_config"),
+        step=int(payload.get("step", 0)),
+        extra={"pruning": {"report": report, **record}},
+    )
     atomic_write_json(out.with_suffix(".json"), report)
     print(json.dumps(report, indent=2, default=str))
     return 0

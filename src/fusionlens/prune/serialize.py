@@ -97,17 +97,24 @@ def reshape_to(model: nn.Module, structure: Mapping[str, Any]) -> nn.Module:
     return model
 
 
+def pruning_record(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of ``model`` with every mask folded into its weight, and ``{"masks", "structure"}``: what a file needs
+    besides that copy's state dict to rebuild the pruned model on a fresh instance."""
+    module = getattr(model, "module", model)
+    dense = make_dense(clone_model(module))
+    return dense, {"masks": get_masks(module), "structure": pruned_structure(dense)}
+
+
 def save_pruned(model: nn.Module, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write ``model`` (pruned by :func:`fusionlens.prune.prune`, either kind) to ``path`` atomically: the state dict
     with masks folded into the weights, the masks, the structure and ``metadata`` (plain values: a report)."""
     module = getattr(model, "module", model)
-    dense = make_dense(clone_model(module))
+    dense, record = pruning_record(module)
     payload = {
         "format": PRUNED_FORMAT,
         "class": f"{type(module).__module__}.{type(module).__qualname__}",
         "state_dict": dense.state_dict(),
-        "structure": pruned_structure(dense),
-        "masks": get_masks(module),
+        **record,
         "metadata": dict(metadata or {}),
     }
     atomic_torch_save(path, payload)

@@ -111,12 +111,21 @@ def config_differences(a: ModelConfig, b: ModelConfig) -> dict[str, tuple[Any, A
 
 
 def load_model_state(model: FusionModel, payload: dict[str, Any], source: str = "checkpoint") -> None:
-    """Load a checkpoint's weights into ``model`` after checking that the configs agree."""
+    """Load a checkpoint's weights into ``model`` after checking that the configs agree.
+
+    A checkpoint of a structurally pruned model (``fusionlens prune --structured``) records the pruned shapes
+    under ``extra["pruning"]["structure"]``; ``model``, built from the config, is reshaped to them first
+    (:func:`fusionlens.prune.serialize.reshape_to`), so every command that rebuilds a model opens it."""
     saved = ModelConfig.from_dict(payload["model_config"])
     diff = config_differences(model.config, saved)
     if diff:
         details = "; ".join(f"{k}: model {v[0]!r} vs {source} {v[1]!r}" for k, v in diff.items())
         raise ValueError(f"{source} was trained for a different model config -- {details}")
+    structure = ((payload.get("extra") or {}).get("pruning") or {}).get("structure")
+    if structure:
+        from fusionlens.prune.serialize import reshape_to
+
+        reshape_to(model, structure)
     model.load_state_dict(payload["model"])
 
 
