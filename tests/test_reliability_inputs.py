@@ -196,3 +196,27 @@ def test_reproduce_lmd_with_a_model_of_another_pair_under_the_pair_s_name(tmp_pa
     assert (f"error: checkpoint {wrong} holds a camera-lidar model, not camera-radar (--pairs camera-radar); "
             "retrain it: fusionlens train --preset tiny --modalities camera,radar") in err
     assert not list(out.glob("cells/**/*.json"))  # refused before the first cell
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"other": 1}'])
+def test_a_damaged_settings_record_is_named(text, tmp_path):
+    from fusionlens.io import claim_settings
+
+    path = tmp_path / "protocol.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{path} is not a settings record of this kind \(.*\); it was edited or "
+                                         r"damaged -- pass another --out$"):
+        claim_settings(path, {"steps": 1}, under="protocol" if "other" in text else None, what="cells",
+                       remedy="pass another --out")
+    assert path.read_text() == text
+
+
+def test_a_damaged_pretraining_state_is_named(tmp_path, capsys):
+    out = tmp_path / "trunk.pt"
+    state = tmp_path / "trunk.pt.state.pt"
+    state.write_bytes(b"")
+    err = run_cli(["pretrain", "camera", "--out", str(out), "--frames", "2", "--val-frames", "1", "--steps", "1",
+                   "--batch-size", "1", "--image-size", "16", "28", "--no-progress"], capsys)
+    assert (f"error: pre-training state {state} is an empty file (0 bytes), not a partial run of fusionlens pretrain "
+            "camera (pass --restart to ignore it)") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trunk.pt.state.pt"]

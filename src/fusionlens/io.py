@@ -299,8 +299,14 @@ def claim_settings(path: str | os.PathLike[str], settings: Mapping[str, Any], *,
     settings = json.loads(json.dumps(settings))
     recorded = target.is_file()
     if recorded:
-        record = json.loads(target.read_text())
-        stored = record[under] if under else record
+        try:
+            record = json.loads(target.read_text())
+            stored = record[under] if under else record
+            if not isinstance(stored, dict):
+                raise TypeError(f"a JSON {type(stored).__name__} where an object of settings belongs")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{target} is not a settings record of this kind ({type(exc).__name__}: {exc}); it was "
+                             f"edited or damaged -- {remedy}") from None
     else:
         stored = assumed
     if stored is not None:

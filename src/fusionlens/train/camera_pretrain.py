@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fusionlens.data.sample import CLASSES, VEHICLE_CLASSES
-from fusionlens.io import atomic_torch_save, atomic_write_json
+from fusionlens.io import atomic_torch_save, atomic_write_json, load_torch_file
 from fusionlens.models.camera import CameraEncoder, trunk_state_dict
 from fusionlens.models.config import CAMERA_DEPTHS
 from fusionlens.world.config import WorldConfig
@@ -162,7 +162,8 @@ def pretrain_camera(config: CameraPretrainConfig, out: str | Path, *, resume: bo
                                                     pct_start=0.1)
     start, losses = 0, []
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = load_torch_file(state_path, what="pre-training state", expected="a partial run of fusionlens "
+                                "pretrain camera (pass --restart to ignore it)")
         if state["config"] != config.to_dict():
             raise ValueError(f"{state_path} belongs to another pre-training config: {state['config']}; "
                              "delete it or pass the same settings")
