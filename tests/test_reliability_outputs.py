@@ -228,3 +228,13 @@ def test_train_checks_out_before_any_data(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli_train, "model_config_from_args", lambda *a: pytest.fail("work started"))
     (tmp_path / "d").mkdir()
     run_cli([*TRAIN, "--out", str(tmp_path / "d")], capsys)
+
+
+def test_a_file_system_error_is_one_line_naming_the_file(monkeypatch, tmp_path, capsys):
+    """A refusal of the file system (disk full, permission) is reported like bad input, not as a traceback."""
+    def disk_full(args):
+        raise OSError(28, "No space left on device", str(tmp_path / "model.pt"))
+
+    monkeypatch.setattr(cli_train, "register", lambda sub: sub.add_parser("train").set_defaults(func=disk_full))
+    err = run_cli(["train"], capsys)
+    assert err == f"fusionlens train: error: [Errno 28] No space left on device: '{tmp_path / 'model.pt'}'\n"

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:  # bad input: one clear line, no trace
+    # bad input, or a file system that refuses (permission, disk full: OSError names the file): one line, no trace
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
         print(f"fusionlens {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
