@@ -59,11 +59,9 @@ from fusionlens.io import atomic_write_json, claim_settings
 from fusionlens.modalities import combination_name
 from fusionlens.models import FusionModel, ModelConfig
 from fusionlens.models.config import CAMERA_DEPTHS
-from fusionlens.prune.api import METHODS, build_importance, prune
+from fusionlens.prune.api import METHODS, prune
 from fusionlens.prune.cost import cost_report
 from fusionlens.prune.params import LossFn, prunable_parameters
-from fusionlens.prune.pruner import finetune
-from fusionlens.prune.structured import structured_prune
 from fusionlens.train.loop import TASKS
 
 
@@ -316,17 +314,19 @@ class Runner:
             train_set, val_set = self.data()
             batches = batch_loader(train_set, self.cfg.batch_size, shuffle=True, seed=seed, drop_last=True)
             ex = example_inputs(model, next(iter(batch_loader(val_set, 1, shuffle=True, seed=0, drop_last=True))))
-            importance = build_importance(
+            result = prune(
+                model,
                 method,
+                ratio,
+                structured=True,
+                example_inputs=ex,
                 loss_fn=self.loss(),
                 batches=batches,
-                input_factory=lambda: ex,
+                finetune_steps=self.cfg.finetune_steps,
+                finetune_lr=self.cfg.finetune_lr,
                 **self._options(method, seed),
             )
-            scores = importance(model, prunable_parameters(model), ratio)
-            info: dict[str, Any] = {}
-            small = structured_prune(model, scores, ratio, ex, report=info)
-            finetune(small, self.loss(), batches, self.cfg.finetune_steps, lr=self.cfg.finetune_lr)
+            small = result.model
             return {
                 "pair": pair,
                 "method": method,
@@ -336,8 +336,7 @@ class Runner:
                 **self.evaluate(small),
                 "before": cost_report(model, ex, repeats=5),
                 "after": cost_report(small, ex, repeats=5),
-                "scoring_backward_passes": importance.backward_passes,
-                **info,
+                **{k: v for k, v in result.report.items() if k not in ("prunable", "method", "options")},
             }
 
         return self.store.compute(f"structured/{pair}/{method}/r{ratio:g}/seed{seed}.json", compute)
