@@ -96,7 +96,7 @@ def test_forward_partners_and_anchor_filter(split):
 
 def test_trains_and_evaluates(split):
     ds = KittiDataset(split, "train", classes=("Car", "Pedestrian"))
-    model, info = train_avod(TINY, ds, steps=30, batch_size=2, lr=3e-3, progress=False)
+    model, info = train_avod(TINY, ds, steps=15, batch_size=2, lr=3e-3, progress=False)
     assert math.isfinite(info["final_loss"])
     result = evaluate_avod(model, KittiDataset(split, "val", classes=("Car", "Pedestrian")))
     assert set(result.ap) == {"bbox", "bev", "3d"} and result.num_gt["Car"]["hard"] > 0
