@@ -185,3 +185,25 @@ def test_detection_shares_sum_to_one_and_follow_the_components(split):
         cam, lid = float(d.components["camera"][k, c]), float(d.components["lidar"][k, c])
         assert row["shares"]["camera"] == pytest.approx(cam / (cam + lid))
         assert row["shares"]["camera"] + row["shares"]["lidar"] == pytest.approx(1.0)
+
+
+def test_backbones_from_single_view_partners(split, tmp_path):
+    from dataclasses import replace
+
+    from fusionlens.train.avod import load_backbones
+
+    ds = KittiDataset(split, "train", classes=("Car", "Pedestrian"))
+    lidar_cfg, camera_cfg = replace(TINY, modalities=("lidar",)), replace(TINY, modalities=("camera",))
+    partner, _ = train_avod(lidar_cfg, ds, steps=1, batch_size=1, checkpoint=tmp_path / "lidar.pt", progress=False)
+    train_avod(camera_cfg, ds, steps=1, batch_size=1, checkpoint=tmp_path / "camera.pt", progress=False)
+    torch.manual_seed(3)
+    fused = AvodDetector(TINY)
+    camera_before = {k: v.clone() for k, v in fused.image_fpn.state_dict().items()}
+    load_backbones(fused, {"lidar": tmp_path / "lidar.pt"})
+    for k, v in partner.bev_fpn.state_dict().items():
+        assert torch.equal(fused.bev_fpn.state_dict()[k], v)
+    assert all(torch.equal(fused.image_fpn.state_dict()[k], v) for k, v in camera_before.items())
+    with pytest.raises(ValueError, match=r"camera.pt has no lidar backbone \(its views: \['camera'\]\)"):
+        load_backbones(fused, {"lidar": tmp_path / "camera.pt"})
+    with pytest.raises(ValueError, match="the detector's views are"):
+        load_backbones(AvodDetector(camera_cfg), {"lidar": tmp_path / "lidar.pt"})

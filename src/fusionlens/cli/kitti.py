@@ -51,9 +51,12 @@ def run_train(args: argparse.Namespace) -> int:
     train_set = KittiDataset(root, "train", classes=classes)
     val_set = KittiDataset(root, "val", classes=classes) if (Path(root) / "ImageSets" / "val.txt").is_file() \
         and args.val_size != 0 else None
+    from fusionlens.cli.train import _parse_kv
+
+    init_from = _parse_kv(args.init_from or [], "--init-from")
     model, info = train_avod(cfg, train_set, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              weight_decay=args.weight_decay, seed=args.seed, checkpoint=args.out,
-                             progress=not args.no_progress)
+                             init_from=init_from, progress=not args.no_progress)
     summary = {"checkpoint": str(args.out), **info}
     if val_set is not None:
         summary["val"] = evaluate_avod(model, val_set).to_dict()

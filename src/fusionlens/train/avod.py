@@ -250,15 +250,42 @@ def evaluate_avod(model: AvodDetector, dataset: KittiDataset, batch_size: int = 
                           min_height_scale=float(height) / KITTI_IMAGE_HEIGHT)
 
 
+BACKBONES: dict[str, str] = {"camera": "image_fpn", "lidar": "bev_fpn"}
+
+
+def load_backbones(model: AvodDetector, sources: dict[str, str | Path]) -> None:
+    """Copy each view's feature pyramid from a checkpoint (``{"lidar": "lidar_only.pt"}``): the recipe of
+    fusion models built on single-modality pre-trained backbones (AlterMOMA section 1). Every checkpoint is
+    checked to hold that backbone, with the same shapes, before anything is copied."""
+    states = {}
+    for modality, path in sources.items():
+        if modality not in BACKBONES or modality not in model.cfg.modalities:
+            raise ValueError(f"backbone source for {modality!r}: the detector's views are {list(model.cfg.modalities)}")
+        partner, _ = load_avod(path)
+        if modality not in partner.cfg.modalities:
+            raise ValueError(f"{path} has no {modality} backbone (its views: {list(partner.cfg.modalities)})")
+        state = getattr(partner, BACKBONES[modality]).state_dict()
+        mine = getattr(model, BACKBONES[modality]).state_dict()
+        if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in mine.items()}:
+            raise ValueError(f"{path}: its {modality} backbone has other shapes than this detector's (another preset?)")
+        states[modality] = state
+    for modality, state in states.items():
+        getattr(model, BACKBONES[modality]).load_state_dict(state)
+
+
 def train_avod(cfg: AvodConfig, train_set: KittiDataset, *, steps: int, batch_size: int = 2, lr: float = 2e-3,
                weight_decay: float = 1e-4, seed: int = 0, checkpoint: str | Path | None = None,
+               init_from: dict[str, str | Path] | None = None,
                progress: bool = True) -> tuple[AvodDetector, dict[str, Any]]:
-    """Train from scratch (AdamW, one-cycle schedule); anchors fitted to ``train_set``. Saves ``checkpoint``."""
+    """Train (AdamW, one-cycle schedule) from scratch or from single-view backbones ``init_from``
+    (:func:`load_backbones`); anchors fitted to ``train_set``. Saves ``checkpoint``."""
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"train_avod: steps and batch_size must be positive, got {steps} and {batch_size}")
     cfg = fit_anchors(cfg, train_set)
     torch.manual_seed(seed)
     model = AvodDetector(cfg)
+    if init_from:
+        load_backbones(model, init_from)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
