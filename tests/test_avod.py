@@ -13,8 +13,9 @@ from torchvision.ops import roi_align
 
 from fusionlens.data.kitti import KittiDataset, parse_calib, project_boxes
 from fusionlens.decompose import decompose
-from fusionlens.models.avod import AvodDetector, avod_preset, bev_boxes, bev_input, image_boxes, roi_align_torch
+from fusionlens.models.avod import AvodDetector, avod_preset, bev_input
 from fusionlens.models.avod_lmd import avod_inputs  # noqa: F401  (registers the roi_align rule)
+from fusionlens.models.avod_ops import bev_boxes, image_boxes, roi_align_torch
 from fusionlens.train.avod import collate_kitti, evaluate_avod, train_avod
 from fusionlens.world import WorldConfig
 from fusionlens.world.kitti_export import export_kitti

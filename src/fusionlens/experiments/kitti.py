@@ -26,7 +26,8 @@ from torchvision.ops import roi_align
 
 from fusionlens.data.kitti import KittiDataset
 from fusionlens.io import atomic_write_json, claim_settings
-from fusionlens.models.avod import avod_preset, roi_align_torch
+from fusionlens.models.avod import avod_preset
+from fusionlens.models.avod_ops import roi_align_torch
 from fusionlens.train.avod import avod_loss, collate_kitti, evaluate_avod, load_avod, train_avod
 
 PAPER_METHODS: dict[str, str] = {"imp": "IMP", "synflow": "SynFlow", "snip": "SNIP", "prospr": "ProsPr",

@@ -32,7 +32,8 @@ from fusionlens.data.kitti import (
 )
 from fusionlens.evaluate.kitti import KITTI_IMAGE_HEIGHT, KittiEvaluation, evaluate_kitti
 from fusionlens.io import atomic_torch_save, load_torch_file
-from fusionlens.models.avod import AvodConfig, AvodDetector, bev_input, encode_aa
+from fusionlens.models.avod import AvodConfig, AvodDetector, bev_input
+from fusionlens.models.avod_ops import encode_aa
 from fusionlens.models.rotated_iou import rotated_nms
 
 RPN_IOU: dict[str, tuple[float, float]] = {"Car": (0.3, 0.5), "Pedestrian": (0.2, 0.4), "Cyclist": (0.2, 0.4)}
