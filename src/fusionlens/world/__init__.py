@@ -23,6 +23,10 @@ visible (Nb,); meta: seed, split, index, layout, ego_speed, conditions (dict), t
 time of day first, e.g. ["night", "fog", "radar_dropout"]), camera_names.
 """
 
+# The world renders fusionlens.data Samples, and fusionlens.data's package imports the world's dataset
+# (data.builtin -> world.generate): load fusionlens.data completely first, so that importing the world before
+# anything else does not meet a partially initialised world.conditions on the way back.
+import fusionlens.data  # noqa: F401  (import order, see above)
 from fusionlens.world.conditions import Conditions
 from fusionlens.world.config import CONDITIONS, ROAD_LAYOUTS, TIMES_OF_DAY, WorldConfig
 from fusionlens.world.generate import SPLITS, WorldFrame, generate_sample, render_frame, rig_for
