@@ -45,6 +45,9 @@ def affine(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -
     """An op affine in its decomposed inputs, ``f(h) = A h + c`` (``+``, ``cat`` with a constant, ``where``,
     ``pad`` with a value, scatter/``index_put`` of constants): ``f_m(h_m) = A h_m = f(h_m) - f(0)``, eq. 21–22;
     the constant ``c = f(0)`` stays in the bias component."""
+    if getattr(func, "__name__", "") in _SUMS and len(args) == 2 and not kwargs and all(
+            isinstance(a, Stream) for a in args):
+        return _sum_of_streams(engine, func, args)
     outputs = engine.per_component(func, args, kwargs)
     zero = tree_flatten(engine.at_zero(func, args, kwargs))[0]
     stacked = _stack_leaves(outputs)
@@ -52,6 +55,23 @@ def affine(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -
         if parts is not None:
             parts -= const
     return stacked
+
+
+# Sums and differences of two decomposed tensors (residual connections): no constant term, so every modality's
+# component is the op on the two components, computed for all modalities in one call.
+_SUMS = frozenset({"add", "__add__", "__radd__", "sub", "subtract", "__sub__", "__rsub__", "rsub"})
+
+
+def _sum_of_streams(engine: Any, func: Callable, args: tuple) -> torch.Tensor:
+    """``a + b`` / ``a - b`` of two streams: ``f(a_m, b_m)`` for all m at once (the same values as one call per
+    modality: the op is elementwise), the operands' dimensions aligned behind the modality axis."""
+    a, b = args
+    rank = max(a.dim(), b.dim())
+    pa, pb = engine.parts(a), engine.parts(b)
+    pa = pa.reshape(pa.shape[0], *([1] * (rank - a.dim())), *pa.shape[1:])
+    pb = pb.reshape(pb.shape[0], *([1] * (rank - b.dim())), *pb.shape[1:])
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(pa, pb)
 
 
 def concatenate(engine: Any, func: Callable, args: tuple, kwargs: dict, total: Any) -> Any:
@@ -64,6 +84,14 @@ def concatenate(engine: Any, func: Callable, args: tuple, kwargs: dict, total: A
     if (not isinstance(total, torch.Tensor) or not isinstance(tensors, list | tuple) or not isinstance(dim, int)
             or any(isinstance(t, Stream) and t._fl_owner is None for t in tensors)
             or any(not isinstance(t, torch.Tensor) or t.dim() != total.dim() for t in tensors)):
+        if (isinstance(total, torch.Tensor) and isinstance(tensors, list | tuple) and isinstance(dim, int)
+                and all(isinstance(t, torch.Tensor) and t.dim() == total.dim() for t in tensors)):
+            # one concatenation of the components; a constant operand's slots are zero (it is the bias's)
+            m = engine.num_modalities
+            parts = [engine.parts(t) if isinstance(t, Stream) else engine.zeros((m, *t.shape), total)
+                     for t in tensors]
+            with torch._C.DisableTorchFunctionSubclass():
+                return torch.cat(parts, dim % total.dim() + 1)
         return affine(engine, func, args, kwargs, total)
     dim %= total.dim()
     parts = engine.zeros((engine.num_modalities, *total.shape), total)
