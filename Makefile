@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
 
-.PHONY: demo test lint venv clean reference-models
+.PHONY: demo test lint venv clean reference-models browser
 
 venv: $(STAMP)
 
@@ -26,9 +26,16 @@ reference-models: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP)
+# the audit report's browser test drives Debian's chromium through chromium-driver; installed once when missing
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile
+	FUSIONLENS_REQUIRE_BROWSER=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
