@@ -104,12 +104,13 @@ def test_cli_audit(tmp_path, capsys):
     base = ["audit", "--checkpoint", str(paths["camera,radar"]), "--data", "synthetic", "--size", "4",
             "--out", str(out), "--no-progress", "--max-pages", "0"]
     assert main([*base, "--partner", f"radar-only={paths['radar']}", "--reference-split", "train",
-                 "--reference-size", "3", "--faults", "radar", "--select", "3"]) == 0
+                 "--reference-size", "3", "--faults", "radar", "--select", "3", "--note", "made <by> a test"]) == 0
     printed = capsys.readouterr().out
     assert f"report: {(out / 'index.html').resolve()}" in printed
     saved = json.loads((out / "audit.json").read_text())
     assert saved["settings"]["partners"].keys() == {"radar-only"} and len(saved["samples"]) == 4
     assert (out / "samples" / "sample-00003.html").is_file()
+    assert "made &lt;by&gt; a test" in (out / "index.html").read_text()  # user text is escaped, not markup
     assert main([*base, "--partner", "radar.pt"]) == 2
     assert "NAME=CHECKPOINT" in capsys.readouterr().err
     assert main([*base, "--partner", f"x={tmp_path / 'missing.pt'}"]) == 2

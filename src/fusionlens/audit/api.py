@@ -145,6 +145,7 @@ def audit(
     max_pages: int = 12,
     visibility: Visibility = DEFAULT_VISIBILITY,
     title: str = "",
+    notes: Sequence[str] = (),
     progress: bool = True,
 ) -> AuditResult:
     """Audit ``model`` on ``dataset`` and write the report into ``out`` (module docstring).
@@ -171,6 +172,7 @@ def audit(
         error_iou: a sample whose IoU is below it counts as an error of the model (monitor quality).
         select: sample indices that get a page whatever the monitor says; flagged samples fill up to ``max_pages``.
         visibility: when a built-in sensor counts as having seen an object (right-sensor table).
+        title / notes: the report's title and paragraphs of plain text shown under it (e.g. how the model was made).
     """
     from fusionlens.audit.report import write_report
 
@@ -243,7 +245,8 @@ def audit(
     }
     result = AuditResult(folder, folder / "index.html", mods, records, result_tables, monitor,
                          settings={**settings, "error_iou": error_iou, "monitor_quantile": monitor_quantile,
-                                   "title": title, "indices": len(idx), "reference_samples": len(ref_idx)})
+                                   "title": title, "notes": [str(n) for n in notes], "indices": len(idx),
+                                   "reference_samples": len(ref_idx)})
     result.pages = write_report(result, spec, dataset, page_for, labels=labels, visibility=visibility, level=level,
                                 rules=rules, progress=progress)
     return result

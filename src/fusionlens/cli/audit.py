@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                    select=args.select, max_pages=args.max_pages,
                    visibility=Visibility(args.min_camera_pixels, args.min_points),
                    title=args.title or f"Sensor-reliance audit: {Path(args.checkpoint).name} on {args.data} "
-                                       f"{args.split}", progress=not args.no_progress)
+                                       f"{args.split}", notes=args.note, progress=not args.no_progress)
     mon = result.monitor.get("samples") or {}
     print(f"audited {len(result.records)} samples; {len(mon.get('flagged_samples', []))} flagged; "
           f"{len(result.pages)} sample pages")
@@ -84,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--select", type=int, nargs="*", default=[], help="sample indices that always get a page")
     p.add_argument("--max-pages", type=int, default=12, help="pages for flagged samples (most unusual first)")
     p.add_argument("--title", default=None)
+    p.add_argument("--note", action="append", default=[], help="a paragraph of text under the title (repeatable)")
     p.add_argument("--min-camera-pixels", type=int, default=1, help="camera 'saw' an object from this many pixels")
     p.add_argument("--min-points", type=int, default=1, help="radar/LiDAR 'saw' an object from this many points")
     p.add_argument("--no-progress", action="store_true")
