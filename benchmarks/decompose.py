@@ -2,6 +2,12 @@
 
     python benchmarks/decompose.py --preset tiny
     python benchmarks/decompose.py --preset paper --repeats 1 --pixels 2
+    python benchmarks/decompose.py --preset tiny --components out/lmd_tiny.pt   # first run: saves them
+    python benchmarks/decompose.py --preset tiny --components out/lmd_tiny.pt   # later: bit-for-bit comparison
+
+``--components`` makes "faster without changing a number" checkable across engine versions: the LMD components of
+every output of the benchmark batch are saved on the first run and compared bit for bit on the next (run the
+old engine with ``PYTHONPATH=<old checkout>/src``).
 
 Rows: LMD (``decompose``), exact modality Shapley (2^M forwards), Captum ``ShapleyValues`` with one feature per
 modality (one call per output pixel: timed on ``--pixels`` pixels and extrapolated to the whole BEV map), and
@@ -133,6 +139,25 @@ def memory_in_subprocess(preset: str, batch: int, method: str) -> int:
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth"])
 
 
+def compare_components(model, inputs, kwargs, path: str) -> None:
+    """Save the components of every output (first run) or report whether they equal the saved ones bit for bit."""
+    d = decompose(model, inputs, forward_kwargs=kwargs)
+    found = {key: {name: d.components[name][key] for name in d.names} for key in d.output}
+    if not os.path.exists(path):
+        from fusionlens.io import atomic_torch_save
+
+        atomic_torch_save(path, found)
+        print(f"components saved to {path}")
+        return
+    from fusionlens.io import load_torch_file  # (imported here: an older checkout may save without it)
+
+    saved = load_torch_file(path, what="--components", expected="LMD components saved by this benchmark",
+                            weights_only=True)
+    differ = [f"{key}/{name}" for key in saved for name in saved[key]
+              if not torch.equal(saved[key][name], found[key][name])]
+    print(f"components vs {path}: " + ("bit-identical" if not differ else f"differ in {differ}"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=("tiny", "small", "paper"))
@@ -140,6 +165,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pixels", type=int, default=4, help="output pixels timed for the per-pixel methods")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--components", help="file of the LMD components: saved if absent, else compared bit for bit")
     parser.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -147,6 +173,8 @@ def main() -> None:
         print(json.dumps({"peak_rss_growth": measure_memory(args.preset, args.batch, args.memory_of)}))
         return
     model, inputs, kwargs = setup(args.preset, args.batch)
+    if args.components:
+        compare_components(model, inputs, kwargs, args.components)
     n_pixels = model.config.grid.shape[0] * model.config.grid.shape[1]
     t_forward = timed(lambda: run_forward(model, inputs, kwargs), args.repeats)
     rows = {
