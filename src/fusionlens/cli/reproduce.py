@@ -83,6 +83,11 @@ def altermoma_config(args: argparse.Namespace) -> Any:
         cfg.methods = args.methods
     if args.structured_methods:
         cfg.structured_methods = args.structured_methods
+    reading = {"reference_batches": args.altermoma_batches, "reactivation_optimizer": args.altermoma_optimizer,
+               "reactivation_steps": args.altermoma_steps, "reactivation_lr": args.altermoma_lr,
+               "same_batch_reri": args.altermoma_same_batches or None}
+    cfg.altermoma_options = {k: v for k, v in reading.items() if v is not None}
+    cfg.device = args.device
     return cfg
 
 
@@ -195,6 +200,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--finetune-lr", type=float, default=None,
                    help="Adam lr after pruning (default: the paper's 1e-4; a cell tree refuses another)")
     a.add_argument("--reference-steps", type=int, default=200)
+    r = a.add_argument_group("AlterMOMA reading (cells filed under readings/; docs/altermoma.md)")
+    r.add_argument("--altermoma-batches", type=int, default=None, help="n: D is n batches (DeCI, g_0, g_B)")
+    r.add_argument("--altermoma-same-batches", action="store_true", help="g_B on the same batches as g_0")
+    r.add_argument("--altermoma-optimizer", choices=("sgd", "adam"), default=None, help="reactivation optimiser")
+    r.add_argument("--altermoma-steps", type=int, default=None, help="B, reactivation steps per modality")
+    r.add_argument("--altermoma-lr", type=float, default=None, help="reactivation lr (SGD 1e-3, Adam 1e-4)")
+    a.add_argument("--device", default="cpu", help="cpu or cuda: where cells and reference models compute")
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=run_altermoma)
     lmd = sub.add_parser(

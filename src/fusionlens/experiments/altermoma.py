@@ -21,7 +21,10 @@ spelled ``camera-lidar`` (:func:`fusionlens.modalities.combination_name`):
 * ``unstructured/<pair>/<method>/s<rho>/seed<k>.json`` -- Table 1/3 style: every method at 80/85/90%;
 * ``structured/<pair>/<method>/r<ratio>/seed<k>.json`` -- Table 5 style: channel ratio 30/50%, metrics, GFLOPs,
   CPU latency before and after;
-* ``ablation/<pair>/b<beta>/s<rho>/seed<k>.json`` -- appendix F: AlterMOMA at several beta/alpha.
+* ``ablation/<pair>/b<beta>/s<rho>/seed<k>.json`` -- appendix F: AlterMOMA at several beta/alpha;
+* ``readings/<pair>/altermoma_<options>/s<rho>/seed<k>.json`` -- AlterMOMA under another reading of the paper
+  (``altermoma_options``: D as n batches, the same batches for g_B, Adam reactivation, B; docs/altermoma.md),
+  main grid and beta/alpha ablation alike, beside the other methods' cells of the same tree.
 
 The cell tree is ``out_dir/<tag>`` (e.g. ``pretrained``, ``pretrained-detection-pillars``), except for the
 scratch / segmentation / raster / ResNet-18 variant, whose cells stay in ``out_dir`` itself where they were made
@@ -62,7 +65,7 @@ from fusionlens.models.config import CAMERA_DEPTHS
 from fusionlens.prune.api import METHODS, prune
 from fusionlens.prune.cost import cost_report
 from fusionlens.prune.params import LossFn, prunable_parameters
-from fusionlens.train.loop import TASKS
+from fusionlens.train.loop import TASKS, move_batch
 
 
 @dataclass
@@ -100,6 +103,11 @@ class ReproduceConfig:
     # the paper fine-tunes with Adam at lr 1e-4; 1e-3 degrades even an unpruned model here (benchmarks/RESULTS.md)
     finetune_steps: int = 200
     finetune_lr: float = 1e-4
+    # a reading of AlterMOMA (options of fusionlens.prune.AlterMOMA, e.g. {"reference_batches": 8}): its cells are
+    # filed under readings/ by these options, so one tree holds every reading next to the baselines
+    altermoma_options: dict[str, Any] = field(default_factory=dict)
+    # where cells and reference models compute ("cpu" or "cuda"): a speed setting, not part of the protocol
+    device: str = "cpu"
     method_options: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
             "imp": {"rounds": 2, "steps_per_round": 20, "lr": 1e-3},
@@ -147,6 +155,22 @@ class ReproduceConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.reference_freeze_steps < 0:
             raise ValueError(f"reference_freeze_steps must be >= 0, got {self.reference_freeze_steps}")
+        if self.altermoma_options:
+            from fusionlens.prune.altermoma import AlterMOMA
+            from fusionlens.prune.api import METHOD_OPTIONS
+
+            # the option names and values are checked here, before any reference model is trained
+            unknown = sorted(set(self.altermoma_options) - set(METHOD_OPTIONS["altermoma"]))
+            if unknown:
+                raise ValueError(f"altermoma_options: AlterMOMA takes options {list(METHOD_OPTIONS['altermoma'])}, "
+                                 f"not {unknown}")
+            AlterMOMA(reference_loss(), [], **self.altermoma_options)
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            raise ValueError(f"device must be 'cpu' or 'cuda[:k]', got {self.device!r}") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device is {self.device!r} but no GPU is available")
 
 
 #: settings that change what a cell measures (the grid's methods, sparsities and seeds only select cells)
@@ -198,12 +222,20 @@ class Runner:
         return self.models.model_config(pair)
 
     def reference(self, pair: str) -> FusionModel:
-        """The reference model of ``pair`` under this run's recipe (trained first when missing)."""
-        return self.models.load(pair)
+        """The reference model of ``pair`` under this run's recipe (trained first when missing), on ``device``."""
+        return self.models.load(pair).to(self.cfg.device)
 
     def loss(self) -> LossFn:
-        """The pruning loss: the reference models' training loss for ``task``."""
-        return reference_loss(task=self.cfg.task)
+        """The pruning loss: the reference models' training loss for ``task`` (batches moved to ``device``)."""
+        loss = reference_loss(task=self.cfg.task)
+        device = torch.device(self.cfg.device)
+        if device.type == "cpu":
+            return loss
+        return lambda model, batch: loss(model, move_batch(batch, device))
+
+    def example(self, model: FusionModel, batch: dict[str, Any]) -> dict[str, Any]:
+        """One sample's keyword inputs on ``device`` (SynFlow, Torch-Pruning, the cost report)."""
+        return move_batch(example_inputs(model, batch), torch.device(self.cfg.device))
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
         """Val metrics of a cell: ``iou`` (vehicle IoU), and ``mAP`` / ``NDS`` / ``detection`` (TP errors,
@@ -211,12 +243,12 @@ class Runner:
         from fusionlens.train.loop import evaluate
 
         val = self.data()[1]
-        iou = evaluate(model, val, batch_size=4, progress=False)["all"]  # type: ignore[arg-type]
+        iou = evaluate(model, val, batch_size=4, device=self.cfg.device, progress=False)["all"]  # type: ignore[arg-type]
         out: dict[str, Any] = {"iou": float(iou)}
         if model.config.extra_heads.get("centerpoint") is not None:  # type: ignore[union-attr]
             from fusionlens.evaluate.detection import TP_METRIC_NAMES, evaluate_detector
 
-            report = evaluate_detector(model, val, batch_size=4, progress=False).to_dict()
+            report = evaluate_detector(model, val, batch_size=4, device=self.cfg.device, progress=False).to_dict()
             keep = (*TP_METRIC_NAMES.values(), "class_aps", "num_gt", "num_pred")
             out.update(mAP=report["mAP"], NDS=report["NDS"], detection={k: report[k] for k in keep})
         return out
@@ -228,7 +260,7 @@ class Runner:
         def compute() -> dict[str, Any]:
             model = self.reference(pair)
             first = batch_loader(self.data()[1], 1, shuffle=True, seed=0, drop_last=True)
-            ex = example_inputs(model, next(iter(first)))
+            ex = self.example(model, next(iter(first)))
             return {
                 "pair": pair,
                 "reference": describe(self.variant),
@@ -284,7 +316,7 @@ class Runner:
                 rho,
                 loss_fn=self.loss(),
                 batches=batches,
-                input_factory=lambda: example_inputs(model, ex_batch),
+                input_factory=lambda: self.example(model, ex_batch),
                 finetune_steps=self.cfg.finetune_steps,
                 finetune_lr=self.cfg.finetune_lr,
                 progress=self.progress,
@@ -313,7 +345,7 @@ class Runner:
             model = self.reference(pair)
             train_set, val_set = self.data()
             batches = batch_loader(train_set, self.cfg.batch_size, shuffle=True, seed=seed, drop_last=True)
-            ex = example_inputs(model, next(iter(batch_loader(val_set, 1, shuffle=True, seed=0, drop_last=True))))
+            ex = self.example(model, next(iter(batch_loader(val_set, 1, shuffle=True, seed=0, drop_last=True))))
             result = prune(
                 model,
                 method,
@@ -342,6 +374,16 @@ class Runner:
         return self.store.compute(f"structured/{pair}/{method}/r{ratio:g}/seed{seed}.json", compute)
 
     # -- the whole run ----------------------------------------------------------------------------------------
+    def _altermoma(self, pair: str, rho: float, seed: int, beta: float | None = None) -> tuple[str, tuple]:
+        """The AlterMOMA cell at ``beta`` (``None``: the main grid's alpha = beta = 1) under this run's reading."""
+        reading = dict(self.cfg.altermoma_options)
+        if not reading:
+            return ("unstructured", (pair, "altermoma", rho, seed)) if beta is None else (
+                "ablation", (pair, "altermoma", rho, seed, beta))
+        if beta is not None:
+            reading["beta"] = beta
+        return "unstructured", (pair, "altermoma", rho, seed, None, reading, "readings")
+
     def jobs(self) -> Iterator[tuple[str, tuple]]:
         c = self.cfg
         for pair in c.pairs:
@@ -350,7 +392,10 @@ class Runner:
             for pair in c.pairs:
                 for rho in c.sparsities:
                     for method in c.methods:
-                        yield "unstructured", (pair, method, rho, seed)
+                        if method == "altermoma":
+                            yield self._altermoma(pair, rho, seed)
+                        else:
+                            yield "unstructured", (pair, method, rho, seed)
         for seed in c.seeds[:1]:
             for pair in c.pairs:
                 for ratio in c.structured_ratios:
@@ -359,10 +404,8 @@ class Runner:
             pair = c.ablation_pair or c.pairs[0]
             for rho in c.ablation_sparsities or c.sparsities:
                 for beta in c.ablation_betas:
-                    if beta == 1.0:  # alpha = beta = 1 is the main grid's AlterMOMA cell
-                        yield "unstructured", (pair, "altermoma", rho, seed)
-                    else:
-                        yield "ablation", (pair, "altermoma", rho, seed, beta)
+                    # alpha = beta = 1 is the main grid's AlterMOMA cell
+                    yield self._altermoma(pair, rho, seed, None if beta == 1.0 else beta)
 
     def run(self) -> None:
         from tqdm import tqdm

@@ -106,7 +106,7 @@ def summarise(out_dir: str | Path) -> str:
                 f"| {c['pair']} | {100 * c['sparsity']:g}% | {c['beta']:g} | {c['seed']} | {_pct(c, columns)} |"
             )
         lines.append("")
-    other = load("sweep/*/*/*/*.json") + load("variant/*/*/*/*.json")
+    other = load("sweep/*/*/*/*.json") + load("variant/*/*/*/*.json") + load("readings/*/*/*/*.json")
     if other:
         columns = _metrics(other)
         names = " | ".join(label for _, label in columns)

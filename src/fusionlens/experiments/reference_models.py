@@ -232,8 +232,10 @@ class ReferenceModels:
         from fusionlens.train.loop import TrainConfig
 
         c = self.cfg
+        # device: where to train (a speed setting; fp32 there too, so a GPU-made model is the same recipe)
         schedule = TrainConfig(steps=c.reference_steps, batch_size=c.reference_batch, lr=c.reference_lr,
-                               seed=c.data_seed, save_every=SAVE_EVERY, task=c.task)
+                               seed=c.data_seed, save_every=SAVE_EVERY, task=c.task,
+                               device=getattr(c, "device", "cpu"), amp=False)
         train_set, val_set = self.data()
         return train_cached(path, config, schedule, train_set, val_set if validate else None, init_from=init_from,
                             freeze_steps=c.reference_freeze_steps, progress=self.progress,

@@ -60,6 +60,9 @@ from fusionlens.prune.params import (
 
 DEFAULT_REACTIVATION_STEPS = 8
 DEFAULT_REACTIVATION_LR = 1e-3
+#: the reactivation optimisers and their default learning rates: plain SGD is the update Proposition A assumes
+#: (eq. 16); Adam at 1e-4 is how the paper trains and fine-tunes its models (section 4.1)
+REACTIVATION_LRS: dict[str, float] = {"sgd": DEFAULT_REACTIVATION_LR, "adam": 1e-4}
 
 
 @dataclass
@@ -126,21 +129,33 @@ class AlterMOMA(Importance):
         alpha: float = 1.0,
         beta: float = 1.0,
         reactivation_steps: int = DEFAULT_REACTIVATION_STEPS,
-        reactivation_lr: float = DEFAULT_REACTIVATION_LR,
+        reactivation_lr: float | None = None,
         same_batch_reri: bool = False,
         normalise: str = "sum",
+        reference_batches: int = 1,
+        reactivation_optimizer: str = "sgd",
     ) -> None:
         super().__init__()
         if reactivation_steps < 1:
             raise ValueError(f"reactivation_steps (B) must be >= 1, got {reactivation_steps}")
+        if reactivation_optimizer not in REACTIVATION_LRS:
+            raise ValueError(
+                f"reactivation_optimizer must be one of {list(REACTIVATION_LRS)}, got {reactivation_optimizer!r}"
+            )
+        if reactivation_lr is None:
+            reactivation_lr = REACTIVATION_LRS[reactivation_optimizer]
         if not reactivation_lr > 0:
             raise ValueError(f"reactivation_lr must be > 0, got {reactivation_lr}")
+        if isinstance(reference_batches, bool) or not isinstance(reference_batches, int) or reference_batches < 1:
+            raise ValueError(f"reference_batches (the batches D is made of) must be an integer >= 1, "
+                             f"got {reference_batches!r}")
         if alpha < 0 or beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got {alpha}, {beta}")
         self.loss_fn, self.batches, self.groups = loss_fn, batches, groups
         self.alpha, self.beta = float(alpha), float(beta)
         self.steps, self.lr = reactivation_steps, reactivation_lr
         self.same_batch_reri = same_batch_reri
+        self.reference_batches, self.optimizer = reference_batches, reactivation_optimizer
         if normalise not in NORMALISATIONS:
             raise ValueError(f"normalise must be one of {list(NORMALISATIONS)}, got {normalise!r}")
         self.normalise = normalise
@@ -150,17 +165,26 @@ class AlterMOMA(Importance):
         return self.groups if isinstance(self.groups, ParamGroups) else resolve_groups(model, self.groups)
 
     def indicators(self, model: nn.Module, names: Sequence[str]) -> Indicators:
-        """DeCI (one backward pass) and one ReRI per masked modality (``B + 1`` backward passes each)."""
+        """DeCI (``n`` backward passes) and one ReRI per masked modality (``2n + B - 1`` backward passes each),
+        ``n = reference_batches``."""
         groups = self.resolve(model)
         stream = batch_stream(self.batches)
-        reference = next(stream)
+        reference = [next(stream) for _ in range(self.reference_batches)]  # D: shared by DeCI and every stage
         theta0 = {n: w.to(torch.float64) for n, w in effective_weights(model, names).items()}
         start = clone_model(model).train()
-        grads = loss_gradients(start, self.loss_fn, reference, names)
-        self.backward_passes += 1
+        grads = self._mean_gradients(start, reference, names)
         deci = {n: (theta0[n] * grads[n].to(torch.float64)).abs() for n in names}  # eq. 6, 23, 29
         reri = {m: self._stage(model, groups, m, names, reference, stream, theta0) for m in groups.modalities}
         return Indicators(deci, reri)
+
+    def _mean_gradients(self, model: nn.Module, batches: Sequence[Any], names: Sequence[str]) -> Scores:
+        """``dL(; D)/dtheta`` for ``D`` the union of equal-sized ``batches``: the mean of their gradients."""
+        total: Scores = {}
+        for batch in batches:
+            grads = loss_gradients(model, self.loss_fn, batch, names)
+            self.backward_passes += 1
+            total = grads if not total else {n: total[n] + grads[n] for n in names}
+        return {n: g / len(batches) for n, g in total.items()}
 
     def _stage(
         self,
@@ -168,7 +192,7 @@ class AlterMOMA(Importance):
         groups: ParamGroups,
         masked: str,
         names: Sequence[str],
-        reference: Any,
+        reference: Sequence[Any],
         stream: Any,
         theta0: Mapping[str, torch.Tensor],
     ) -> Scores:
@@ -181,27 +205,29 @@ class AlterMOMA(Importance):
                 params[n].requires_grad_(False)
         scored = [n for n in names if n not in frozen]
         trainable = [p for n, p in params.items() if n not in frozen and p.requires_grad]
-        opt = torch.optim.SGD(trainable, lr=self.lr)
+        opt_class = torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD
+        opt = opt_class(trainable, lr=self.lr)
         first: Scores = {}
         for step in range(self.steps):  # line 4: Redundancy Reactivation, eq. 16
-            batch = reference if step == 0 else next(stream)
             opt.zero_grad(set_to_none=True)
-            loss = self.loss_fn(work, batch)
-            if not torch.isfinite(loss):
-                raise RuntimeError(
-                    f"reactivation loss diverged (masking {masked!r}, step {step}); lower "
-                    f"reactivation_lr (now {self.lr})"
-                )
-            loss.backward()
-            self.backward_passes += 1
+            batches = reference if step == 0 else [next(stream)]
+            for batch in batches:  # accumulated: the first step's gradient is the mean over D's batches
+                loss = self.loss_fn(work, batch)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(
+                        f"reactivation loss diverged (masking {masked!r}, step {step}); lower "
+                        f"reactivation_lr (now {self.lr})"
+                    )
+                (loss / len(batches)).backward()
+                self.backward_passes += 1
             if step == 0:  # dL_m(mu_m=0; D)/dtheta_0, reused from the first update
                 first = {
                     n: (torch.zeros_like(params[n]) if params[n].grad is None else params[n].grad.detach().clone())
                     for n in scored
                 }
             opt.step()
-        last = loss_gradients(work, self.loss_fn, reference if self.same_batch_reri else next(stream), scored)
-        self.backward_passes += 1
+        fresh = [next(stream) for _ in range(self.reference_batches)] if not self.same_batch_reri else reference
+        last = self._mean_gradients(work, fresh, scored)  # dL_m(mu_m=0; D_B)/dtheta_B, D_B as large as D
         # eq. 10 / 26 / 34-35: theta is theta_0 in both terms (Proposition A moves the gradient, not theta).
         return {n: (theta0[n] * (first[n].to(torch.float64) - last[n].to(torch.float64))).abs() for n in scored}
 

@@ -48,7 +48,8 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "snip": ("n_batches",),
     "synflow": ("iterations", "keep_inputs"),
     "prospr": ("inner_steps", "inner_lr", "momentum", "detach_first_momentum"),
-    "altermoma": ("alpha", "beta", "reactivation_steps", "reactivation_lr", "same_batch_reri", "normalise"),
+    "altermoma": ("alpha", "beta", "reactivation_steps", "reactivation_lr", "same_batch_reri", "normalise",
+                  "reference_batches", "reactivation_optimizer"),
 }
 
 
