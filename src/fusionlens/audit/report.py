@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import escape
 from tqdm.auto import tqdm
 
 from fusionlens.audit.labels import LabelsFn, resolve_labels
@@ -87,20 +88,21 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def headline(result: AuditResult) -> list[str]:
-    """Plain sentences: which sensor the model relies on, where that changes, which samples to worry about."""
+    """Sentences (HTML; every name from the model or the labels escaped): which sensor the model relies on, where
+    that changes, which samples to worry about."""
     mods = result.modalities
     rows = result.tables["reliance"]
     lines = []
     overall = next((r for r in rows if r["group"] == "all" and r["where"] == "positive"), None)
     if overall:
         top = max(mods, key=lambda m: overall[m])
-        parts = ", ".join(f"{m} {overall[m]:+.2f} ± {overall[f'{m} sd']:.2f}" for m in mods)
-        lines.append(f"On its predicted positives the model relies most on <b>{top}</b> ({parts}; mean ± sd of the "
-                     f"signed LMD share over {overall['n']} samples).")
+        parts = ", ".join(f"{escape(m)} {overall[m]:+.2f} ± {overall[f'{m} sd']:.2f}" for m in mods)
+        lines.append(f"On its predicted positives the model relies most on <b>{escape(top)}</b> ({parts}; mean ± sd "
+                     f"of the signed LMD share over {overall['n']} samples).")
         moves = [(abs(r[top] - overall[top]), r) for r in rows if r["where"] == "positive"
-                 and r["group"] in ("condition", "distance", "fault") and r[top] is not None and r["n"] >= 2]
+                 and r["group"] in ("condition", "distance") and r[top] is not None and r["n"] >= 2]
         for _, r in sorted(moves, key=lambda t: -t[0])[:3]:
-            lines.append(f"{r['group']} <b>{r['value']}</b> (n={r['n']}): {top} share {r[top]:+.2f} "
+            lines.append(f"{r['group']} <b>{escape(r['value'])}</b> (n={r['n']}): {escape(top)} share {r[top]:+.2f} "
                          f"(overall {overall[top]:+.2f})" + (f", IoU {r['iou']:.3f}" if r["iou"] is not None else "")
                          + ".")
     mon = result.monitor.get("samples")
@@ -110,9 +112,23 @@ def headline(result: AuditResult) -> list[str]:
                      f"(threshold {mon['threshold']:.2f} = the {mon['quantile']:.0%} quantile on "
                      f"{result.monitor['reference']}); AUROC of its score for the model's errors "
                      f"({mon['error']}): {auroc}.")
+        worst = sorted((r for r in result.records if r["flagged"]), key=lambda r: -r["monitor"])[:5]
+        if worst:
+            named = []
+            for r in worst:
+                label = f"<a href=\"{escape(r['page'])}\">{escape(r['name'])}</a>" if r.get("page") else r["name"]
+                iou = r["iou"]
+                score = f"score {r['monitor']:.2f}"
+                if iou and iou["union"] > 0:
+                    score += f", IoU {iou['inter'] / iou['union']:.2f}"
+                named.append(f"{label} ({score}; {escape(' '.join(r['tags'])) or 'no tags'})")
+            lines.append("Samples to look at first: " + "; ".join(named) + ".")
     for r in result.tables["faults"]:
         if r["iou change"] is not None:
-            lines.append(f"With <b>{r['fault']}</b> the IoU moves {r['iou clean']:.3f} → {r['iou faulted']:.3f}.")
+            moved = ", ".join(f"{escape(m)} {r[f'{m} clean']:+.2f} → {r[f'{m} faulted']:+.2f}" for m in mods
+                              if r[f"{m} clean"] is not None and r[f"{m} faulted"] is not None)
+            lines.append(f"With <b>{escape(r['fault'])}</b> the IoU moves {r['iou clean']:.3f} → {r['iou faulted']:.3f}"
+                         + (f"; shares on the positives {moved}" if moved else "") + ".")
     return lines
 
 
