@@ -12,6 +12,7 @@ import torch
 from fusionlens.cli import main
 from fusionlens.experiments.altermoma import ReproduceConfig, Runner
 from fusionlens.prune.api import METHODS, build_importance, prune
+from fusionlens.prune.pruner import get_masks
 from prune_tiny import TinyFusion, make_batches, tiny_loss
 
 
@@ -73,7 +74,9 @@ def test_every_method_prunes_exactly_through_the_api(method: str) -> None:
         **opts,
     )
     n = result.report["n_prunable"]
-    assert result.report["n_zero"] >= round(0.8 * n)  # exact count of masked entries, plus any zero weights
+    masked = sum(int((~mask).sum()) for mask in get_masks(result.model).values())
+    assert masked == round(0.8 * n)  # exactly round(rho * N) entries masked (eq. 2), fine-tuning included
+    assert result.report["n_zero"] >= masked  # masked entries plus any weight that is exactly zero
     assert result.report["finetune_steps"] == 2
     if method == "altermoma":
         assert result.report["scoring_backward_passes"] == 2 * 2 + 3
