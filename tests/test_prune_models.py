@@ -147,3 +147,46 @@ def test_structured_needs_example_inputs_and_load_refuses_other_models(tmp_path:
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a fusionlens-pruned-v1 file"):
         load_pruned(tmp_path / "other.pt", UNet())
+
+
+def _removed(orig: nn.Module, pruned: nn.Module) -> list[int]:
+    """Output channels of ``orig`` that are gone from ``pruned``, matched by their (unique) weights."""
+    return [i for i in range(orig.out_channels)
+            if not any(torch.equal(orig.weight[i], pruned.weight[j]) for j in range(pruned.out_channels))]
+
+
+def _only(model: nn.Module, keep: str) -> list[nn.Module]:
+    return [m for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and n != keep]
+
+
+def test_repeated_concatenation_is_exact() -> None:
+    """One feature concatenated at three heights: removing its channel j removes neck columns j, C + j and 2C + j
+    -- exactly the dense model with those columns zeroed (a mapping of one copy only would differ)."""
+    torch.manual_seed(0)
+    model, x = MyBEVFusion().eval(), bev_inputs()
+    pruned = prune(model, "magnitude", 0.5, structured=True, example_inputs=x,
+                   ignored_layers=_only(model, "img_backbone.3")).model.eval()
+    gone = _removed(model.img_backbone[3], pruned.img_backbone[3])
+    assert len(gone) == 6 and pruned.neck.in_channels == 3 * 6
+    ref = MyBEVFusion().eval()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref.neck.weight[:, [z * 12 + j for z in range(3) for j in gone]] = 0
+    torch.testing.assert_close(pruned(**x)["seg"], ref(**x)["seg"])
+
+
+def test_unet_skip_concatenation_is_exact() -> None:
+    """The first encoder stage feeds the pooled path and, through the skip, the last decoder's concat: removing its
+    channel j zeroes exactly enc2's input j and dec1's input column 8 + j (after up1's 8 channels)."""
+    torch.manual_seed(0)
+    model, x = UNet(width=8).eval(), torch.randn(2, 3, 16, 16)
+    pruned = prune(model, "magnitude", 0.5, structured=True, example_inputs=x,
+                   ignored_layers=_only(model, "enc1.3")).model.eval()
+    gone = _removed(model.enc1[3], pruned.enc1[3])
+    assert len(gone) == 4 and pruned.dec1[0].in_channels == 8 + 4 and pruned.enc2[0].in_channels == 4
+    ref = UNet(width=8).eval()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref.enc2[0].weight[:, gone] = 0
+        ref.dec1[0].weight[:, [8 + j for j in gone]] = 0
+    torch.testing.assert_close(pruned(x), ref(x))
