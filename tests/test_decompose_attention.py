@@ -171,3 +171,26 @@ def test_normalize_and_norm_by_hand():
     d = decompose(CosineAttention().double().eval(), {"camera": cam.unsqueeze(0), "radar": rad.unsqueeze(0)},
                   bias="global")
     assert d.conservation_error().relative <= 1e-13
+
+
+def test_cross_attention_replays_one_samples_coefficients_on_a_batch():
+    """Attention weights recorded on one sample replay on a batch (each row as that sample replayed alone), and a
+    replay without the output (shapes only) gives the same modality components."""
+    torch.manual_seed(0)
+    model = CrossAttentionFusion().double().eval()
+    g = torch.Generator().manual_seed(2)
+
+    def make(b):
+        return {"camera": torch.randn(b, 3, 3, 3, generator=g, dtype=torch.float64),
+                "lidar": torch.randn(b, 6, 4, generator=g, dtype=torch.float64)}
+
+    clean = decompose(model, make(1), record_coefficients=True)
+    batch = make(3)
+    together = decompose(model, batch, coefficients=clean.coefficients)
+    lite = decompose(model, batch, coefficients=clean.coefficients, with_output=False)
+    for i in range(3):
+        alone = decompose(model, {k: v[i:i + 1] for k, v in batch.items()}, coefficients=clean.coefficients)
+        for name in ("camera", "lidar"):
+            torch.testing.assert_close(together.components[name][i:i + 1], alone.components[name], rtol=0, atol=1e-12)
+    for name in ("camera", "lidar"):
+        torch.testing.assert_close(lite.components[name], together.components[name], rtol=0, atol=1e-12)
