@@ -1,28 +1,26 @@
 """Structured (channel) pruning, appendix D: "modify the shape of the pruning mask mu and the parameter theta
 ... to represent each channel". Channel scores are aggregated from the parameter scores of any importance
 method, and channels are removed physically with Torch-Pruning's ``DependencyGraph``, which also trims every
-coupled layer (BatchNorm, the consumer's input channels -- including the fusion conv behind the modality
-concatenation).
+coupled layer (BatchNorm, the consumers' input channels, concatenations, attention embeddings).
 
 Aggregation: a Torch-Pruning group couples channel ``j`` of a root layer with slices of other layers; the
 channel score is the sum of the parameter scores of every slice coupled to it (output slice ``W[j]`` of a
-producer, input slice ``W[:, j']`` of each consumer), i.e. the first-order score of removing all of them at
-once (for DeCI/SNIP-type scores the Taylor terms add). Each group then loses the ``floor(ratio * C)`` channels
-of lowest score (at least one channel is always kept), so every layer keeps its share of width.
+producer, input slice ``W[:, j']`` of each consumer), the first-order score of removing them all at once. Each
+group loses the ``floor(sparsity * C)`` channels of lowest score (at least one kept; a group holding an
+``nn.MultiheadAttention`` keeps a multiple of its head count).
 
-Concatenation: Torch-Pruning has open index-mapping bugs around ``torch.cat`` (issues #481, #146). Version
-1.6.1 maps a plain two-branch concat correctly, but on the reference models (camera features lifted to BEV
-through reshapes before the concat) the concat node gets no offsets and its groups run past the layers'
-widths. Every group that reaches a concatenation is therefore handled in one place,
-:func:`_prune_across_concat`: Torch-Pruning on the producer's own branch (a graph without the cross-modality
-concat, :func:`~fusionlens.prune.channel_map.branch_graph`), plus the fusion conv's input channels found by
-probing (:func:`~fusionlens.prune.channel_map.concat_mapping`). A branch may reach the concat along several
-paths -- the pillars encoder's FPN neck ``cat([block1, up2(block2(block1))])``, skips, residual adds -- so
-each fusion-conv column is attributed to the one layer (or set of add-coupled layers) feeding it *directly*,
-with no other Conv/Linear in between, and a column claimed twice is an error, never a double removal. Tested
-against exact oracles in tests/test_prune_structured.py. A concatenation *inside* one branch whose result
-feeds a layer of that branch (the camera encoder's merge of ResNet layer2 and layer3) is left unpruned and
-listed in the report: its producers also feed other layers, which the isolated-branch workaround cannot see.
+Checked, not trusted: Torch-Pruning mis-maps some wiring (open concat bugs #481, #146; one tensor concatenated
+several times; a channel count held in a Python constant, such as a scatter canvas of fixed width). Every group
+is applied to a copy and the copy must run on ``example_inputs`` with the original output shapes. The common case
+costs one forward pass (all groups, one check); if it fails, groups are replayed one by one with a check after
+each, and a failing group is retried through its fallback or left whole and reported with its error.
+
+Fallback for a group reaching a concatenation *across* branches (the modality concat before the fusion conv,
+where the camera lift's reshapes leave Torch-Pruning's concat without offsets): :func:`_prune_across_concat`
+prunes each producer on a graph of its own branch (:func:`~fusionlens.prune.channel_map.branch_graph`) and
+removes the consumer's input channels found by probing (:func:`~fusionlens.prune.channel_map.concat_mapping`),
+each column attributed to the one layer feeding it directly (a column claimed twice is an error, never a double
+removal). Exact oracles: tests/test_prune_structured.py and tests/test_prune_models.py.
 """
 
 from __future__ import annotations
