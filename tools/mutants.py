@@ -132,22 +132,29 @@ def _camera_visibility_zero() -> None:
         module.render_cameras = blind
 
 
-def _ddp_sum() -> None:
-    """DistributedDataParallel sums the ranks' gradients instead of averaging them."""
-    import torch
-    import torch.distributed as dist
+def _ddp_hook(kind: str) -> Callable[[], None]:
+    """DistributedDataParallel with a communication hook that sums the ranks' gradients (``sum``) or keeps each
+    rank's own (``local``: no all-reduce, the replicas drift apart) instead of averaging them."""
+    def apply() -> None:
+        import torch
+        import torch.distributed as dist
 
-    base = torch.nn.parallel.DistributedDataParallel
+        def hook(state, bucket):
+            if kind == "local":
+                future = torch.futures.Future()
+                future.set_result(bucket.buffer())
+                return future
+            return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
 
-    def summing(state, bucket):
-        return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+        base = torch.nn.parallel.DistributedDataParallel
 
-    class Summing(base):  # type: ignore[misc, valid-type]
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.register_comm_hook(None, summing)
+        class Mutated(base):  # type: ignore[misc, valid-type]
+            def __init__(self, *args, **kwargs) -> None:
+                super().__init__(*args, **kwargs)
+                self.register_comm_hook(None, hook)
 
-    torch.nn.parallel.DistributedDataParallel = Summing
+        torch.nn.parallel.DistributedDataParallel = Mutated
+    return apply
 
 
 def _modules_holding(obj: object) -> list:
@@ -176,6 +183,7 @@ class Mutant:
 
 
 DECOMPOSE_TESTS = ("tests/test_decompose_oracles.py",)
+DDP_TESTS = ("tests/test_train_ddp.py::test_two_gloo_processes_train_the_single_process_weights",)
 MUTANTS = [
     Mutant("activation", "F(0)=0 activations' components x 1/2", _halve_rules("relu", "gelu", "silu", "tanh"),
            DECOMPOSE_TESTS),
@@ -204,7 +212,8 @@ MUTANTS = [
            ("tests/test_prune_cli.py", "tests/test_prune_pruner.py")),
     Mutant("camera_visibility", "camera visibility flags all zero", _camera_visibility_zero,
            ("tests/test_world_visibility.py",)),
-    Mutant("ddp_gradient_sum", "DDP sums gradients instead of averaging", _ddp_sum, ("tests/test_train_ddp.py",)),
+    Mutant("ddp_gradient_sum", "DDP sums gradients instead of averaging", _ddp_hook("sum"), DDP_TESTS),
+    Mutant("ddp_no_allreduce", "DDP ranks step on their own gradients", _ddp_hook("local"), DDP_TESTS),
 ]
 BY_NAME = {m.name: m for m in MUTANTS}
 

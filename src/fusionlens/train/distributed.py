@@ -56,3 +56,12 @@ def all_gather_objects(info: DistInfo, obj: Any) -> list[Any]:
 def all_true(info: DistInfo, flag: bool) -> bool:
     """Whether ``flag`` holds on every rank (so that all ranks take the same branch)."""
     return all(all_gather_objects(info, bool(flag)))
+
+
+def mean_over_ranks(info: DistInfo, value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over the ranks (``value`` itself in a single process); no gradient flows through it."""
+    if not info.enabled:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out / info.world_size

@@ -10,6 +10,7 @@ would, and together with the restored RNG, optimizer and scheduler state reprodu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from fusionlens.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from fusionlens.train.distributed import DistInfo, all_gather_objects, all_true, init_distributed
+from fusionlens.train.distributed import DistInfo, all_gather_objects, all_true, init_distributed, mean_over_ranks
 from fusionlens.train.losses import LossConfig, simplebev_loss
 from fusionlens.train.metrics import IoUAccumulator
 
@@ -349,6 +350,9 @@ def train(
         return evaluate(model, val_set, batch_size=train_config.batch_size, device=device, info=info,
                         progress=progress, amp=use_amp)
 
+    # the masked means of the loss divide by the global batch's counts, so that DDP's averaged gradient is the
+    # single process's on the global batch (see simplebev_loss)
+    reduce_count = functools.partial(mean_over_ranks, info) if info.enabled else None
     t0 = time.perf_counter()
     model.train()
     bar = tqdm(total=train_config.steps, initial=start, desc="train", disable=not (progress and info.is_main))
@@ -361,7 +365,7 @@ def train(
             out = net(**inputs, **kwargs)
         loss = extra_head_loss(model, out, batch)
         if train_config.task != "detection":
-            loss = loss + simplebev_loss(out, batch, train_config.loss)["total"]
+            loss = loss + simplebev_loss(out, batch, train_config.loss, reduce_count)["total"]
         if not all_true(info, bool(torch.isfinite(loss.detach()))):
             bar.close()
             where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was saved yet"
