@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pixels", type=int, default=4, help="output pixels timed for the per-pixel methods")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="rows to measure (the forward always: it is the unit)")
     parser.add_argument("--components", help="file of the LMD components: saved if absent, else compared bit for bit")
     parser.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,17 +179,17 @@ def main() -> None:
         compare_components(model, inputs, kwargs, args.components)
     n_pixels = model.config.grid.shape[0] * model.config.grid.shape[1]
     t_forward = timed(lambda: run_forward(model, inputs, kwargs), args.repeats)
-    rows = {
-        "forward": t_forward,
-        "lmd": timed(lambda: run_lmd(model, inputs, kwargs), args.repeats),
-        "shapley-exact": timed(lambda: run_shapley_exact(model, inputs, kwargs), args.repeats),
-        "captum-shapley": timed(lambda: [_captum_call(model, inputs, kwargs, p) for p in range(args.pixels)], 1)
-        / args.pixels * n_pixels,
-        "grad-x-input": timed(lambda: [_gradient_call(model, inputs, kwargs, p) for p in range(args.pixels)], 1)
-        / args.pixels * n_pixels,
+    timers = {
+        "lmd": lambda: timed(lambda: run_lmd(model, inputs, kwargs), args.repeats),
+        "shapley-exact": lambda: timed(lambda: run_shapley_exact(model, inputs, kwargs), args.repeats),
+        "captum-shapley": lambda: timed(lambda: [_captum_call(model, inputs, kwargs, p) for p in range(args.pixels)],
+                                        1) / args.pixels * n_pixels,
+        "grad-x-input": lambda: timed(lambda: [_gradient_call(model, inputs, kwargs, p) for p in range(args.pixels)],
+                                      1) / args.pixels * n_pixels,
     }
+    rows = {"forward": t_forward, **{m: timers[m]() for m in args.methods if m != "forward"}}
     memory = {m: memory_in_subprocess(args.preset, args.batch, m)
-              for m in ("forward", "lmd", "shapley-exact", "grad-x-input")}
+              for m in ("forward", "lmd", "shapley-exact", "grad-x-input") if m in rows}
     print(f"preset={args.preset} batch={args.batch} threads={args.threads} output pixels={n_pixels} "
           f"torch={torch.__version__}")
     print("| method | wall time (s) | time / forward | peak memory growth (MiB) | memory / forward |")
