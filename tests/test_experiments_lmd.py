@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fusionlens.cli import main
-from fusionlens.experiments.lmd import LMDReproduceConfig, LMDRunner, summarise
+from fusionlens.experiments.lmd import LMDReproduceConfig, LMDRunner
+from fusionlens.experiments.lmd_report import summarise
 from fusionlens.models import build_model, preset_config
 from fusionlens.train.checkpoint import save_checkpoint
 from fusionlens.train.synthetic import TEST_GRID

@@ -110,7 +110,8 @@ def run_altermoma(args: argparse.Namespace) -> int:
 def run_lmd(args: argparse.Namespace) -> int:
     import torch
 
-    from fusionlens.experiments.lmd import LMDReproduceConfig, LMDRunner, summarise
+    from fusionlens.experiments.lmd import LMDReproduceConfig, LMDRunner
+    from fusionlens.experiments.lmd_report import summarise
     from fusionlens.train.distributed import init_distributed
 
     check_output_dir("--out", args.out)
