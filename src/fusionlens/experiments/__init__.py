@@ -4,7 +4,8 @@ The harnesses here import the library (``decompose``, ``evaluate``, ``prune``, `
 imports them; only the command line (``fusionlens reproduce``, ``fusionlens prune``, ``fusionlens kitti``), the demo
 and ``benchmarks/`` do (``tests/test_layering.py`` holds that).
 
-* :mod:`~fusionlens.experiments.lmd` -- the LMD paper's tables (``fusionlens reproduce lmd``);
+* :mod:`~fusionlens.experiments.lmd` and :mod:`~fusionlens.experiments.lmd_report` -- the LMD paper's tables
+  (``fusionlens reproduce lmd``);
 * :mod:`~fusionlens.experiments.altermoma` and :mod:`~fusionlens.experiments.altermoma_report` -- AlterMOMA's
   pruning tables (``fusionlens reproduce altermoma``);
 * :mod:`~fusionlens.experiments.kitti` -- AlterMOMA's KITTI tables on the world's KITTI export;

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fusionlens.modalities import modality
 from fusionlens.models import FusionModel, batch_to_inputs
 from fusionlens.prune.params import LossFn
 from fusionlens.prune.pruner import dense_state_dict, get_masks
@@ -22,9 +23,9 @@ from fusionlens.train.checkpoint import load_model, save_checkpoint
 from fusionlens.train.loop import TASKS, extra_head_loss
 from fusionlens.train.losses import LossConfig, simplebev_loss
 
-#: Forward inputs of the reference models that are calibration, not sensor data: SynFlow's all-ones input
-#: must leave them alone (an all-ones camera pose is singular).
-CALIBRATION_INPUTS: tuple[str, ...] = ("intrinsics", "cam_to_ego")
+#: Forward inputs of the reference models that are calibration, not sensor data (the camera's, which travel with
+#: it): SynFlow's all-ones input must leave them alone (an all-ones camera pose is singular).
+CALIBRATION_INPUTS: tuple[str, ...] = modality("camera").kwargs
 
 
 def reference_loss(config: LossConfig | None = None, task: str = "segmentation") -> LossFn:
