@@ -104,7 +104,7 @@ def test_trunk_weights_round_trip_into_the_model(tmp_path) -> None:
     CameraEncoder(18, 4, full)
     wrong = tmp_path / "wrong.pt"
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), wrong)
-    with pytest.raises((ValueError, RuntimeError)):
+    with pytest.raises(ValueError, match=r"is not a resnet18 state dict: missing \[\], unexpected \['layer1.0.bn3"):
         CameraEncoder(18, 4, wrong)
 
 
@@ -141,11 +141,11 @@ def test_pretrain_writes_trunk_and_report_and_resumes_exactly(tmp_path, monkeypa
     def interrupted(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("simulated interruption")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cp.F, "cross_entropy", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="simulated interruption"):
         pretrain_camera(_config(), tmp_path / "b.pt", progress=False)
     monkeypatch.setattr(cp.F, "cross_entropy", real)
     assert (tmp_path / "b.pt.state.pt").exists() and not (tmp_path / "b.pt").exists()
@@ -157,16 +157,19 @@ def test_pretrain_writes_trunk_and_report_and_resumes_exactly(tmp_path, monkeypa
     # a different config refuses the leftover state instead of mixing runs
     monkeypatch.setattr(cp.F, "cross_entropy", interrupted)
     calls["n"] = 0
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="simulated interruption"):
         pretrain_camera(_config(), tmp_path / "c.pt", progress=False)
     monkeypatch.setattr(cp.F, "cross_entropy", real)
     with pytest.raises(ValueError, match="another pre-training config"):
         pretrain_camera(_config(lr=2e-3), tmp_path / "c.pt", progress=False)
 
 
-@pytest.mark.parametrize("bad", [dict(depth=19), dict(steps=0), dict(batch_size=5, frames=3), dict(lr=0.0)])
-def test_bad_pretrain_config(bad) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    (dict(depth=19), "depth must be one of"), (dict(steps=0), r"CameraPretrainConfig.steps must be positive, got 0"),
+    (dict(batch_size=5, frames=3), "batch_size 5 exceeds the number of frames 3"), (dict(lr=0.0), r"lr must be > 0"),
+])
+def test_bad_pretrain_config(bad, message) -> None:
+    with pytest.raises(ValueError, match=message):
         _config(**bad)
 
 

@@ -25,7 +25,7 @@ def test_round_trip_equals_direct_generation(tmp_path: Path) -> None:
     assert cached.meta == direct.meta and cached.grid == CFG.grid
     batch = next(iter(ds.loader(batch_size=2, num_workers=0)))
     assert batch["images"].shape == (2, 6, 3, 16, 28) and batch["radar_valid"].dtype == torch.bool
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="index 3 out of range for val of size 3"):
         ds[3]
 
 

@@ -24,7 +24,8 @@ def test_first_use_writes_same_settings_pass_others_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"tree holds cells measured with another protocol steps: 200 there vs 25 now"
                                          r" \(protocol.json\) -- pass another --out$"):
         claim_settings(path, dict(SETTINGS, steps=25), **CLAIM)
-    with pytest.raises(ValueError) as err:  # every differing key is named, a missing or an extra one too
+    with pytest.raises(ValueError, match="tree holds cells measured with another protocol") as err:
+        # every differing key is named, a missing or an extra one too
         claim_settings(path, {"steps": 25, "lr": 1e-4, "batch": 2}, **CLAIM)
     message = str(err.value)
     assert "steps: 200 there vs 25 now" in message and "batch: (absent) there vs 2 now" in message

@@ -36,7 +36,7 @@ def test_bad_spellings_fail_naming_the_problem(spec, message):
 
 
 def test_entries_are_frozen_and_distinct():
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'letter'"):
         modality("camera").letter = "X"  # type: ignore[misc]
     for field in ("name", "batch_key", "letter", "colour"):
         values = [getattr(m, field) for m in TABLE]

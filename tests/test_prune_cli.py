@@ -94,9 +94,9 @@ def test_runner_cells_are_atomic_and_resume(tmp_path: Path) -> None:
 
     def crash() -> dict:
         calls.append("crash")
-        raise KeyboardInterrupt  # an interrupted cell leaves nothing behind
+        raise KeyboardInterrupt("simulated interruption")  # an interrupted cell leaves nothing behind
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="simulated interruption"):
         runner.store.compute("unstructured/a/m/s0.8/seed0.json", crash)
     assert runner.out == tmp_path / "pretrained"  # the default recipe's cell tree
     assert not (runner.out / "unstructured/a/m/s0.8/seed0.json").exists()

@@ -123,7 +123,7 @@ def test_a_pruned_checkpoint_given_to_resume(trained, tmp_path, capsys):
 @pytest.mark.parametrize("flag", ["--grad-clip", "--lr", "--weight-decay"])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_non_finite_train_options_are_refused(flag, value, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(SystemExit, match="^2$") as exit_:  # argparse's usage error
         main([*TRAIN, "--out", str(tmp_path / "t.pt"), f"{flag}={value}"])  # = : "-inf" is no option
     assert exit_.value.code == 2
     assert f"argument {flag}: must be a finite number, got '{value}'" in capsys.readouterr().err
@@ -134,7 +134,7 @@ def test_non_finite_train_options_are_refused(flag, value, tmp_path, capsys):
                                   ["prune", "--checkpoint", "x.pt", "--method", "altermoma", "--alpha", "inf"],
                                   ["pretrain", "camera", "--lr", "nan"]])
 def test_non_finite_options_of_other_commands(argv, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         main(argv)
     assert "must be a finite number" in capsys.readouterr().err
 

@@ -112,9 +112,9 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path) -> None:
 
     def stop_at_5(model, step):  # simulate a crash after the step-4 checkpoint was written
         if step == 5:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("simulated crash")
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="simulated crash"):
         train(CFG, cfg, ds, checkpoint=part, step_hook=stop_at_5, progress=False)
     assert load_checkpoint(part)["step"] == 4
     resumed = train(CFG, cfg, ds, checkpoint=part, resume=True, progress=False)
@@ -162,7 +162,7 @@ def test_bad_training_input_is_rejected_before_work(tmp_path) -> None:
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="pct_start"):
         TrainConfig(pct_start=1.5)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="checkpoint: no such file .*missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(Exception, match="junk.pt|load"):
