@@ -61,7 +61,7 @@ def main() -> None:
     seeds = [int(v) for v in args.seeds.split(",")]
     runner = Runner(ReproduceConfig(out_dir=args.out, pairs=pairs), progress=not args.no_progress)
     rows = []
-    for pair, options, rho, seed in itertools.product(pairs, parse_grid(args.grid), sparsities, seeds):
+    for pair, options, rho, seed in itertools.product(runner.cfg.pairs, parse_grid(args.grid), sparsities, seeds):
         cell = runner.unstructured(pair, "altermoma", rho, seed, options=options, group=args.group)
         rows.append((pair, options, rho, seed, cell))
         print(f"{pair} {options} {rho:g} seed {seed}: IoU {100 * cell['iou']:.2f}", flush=True)
