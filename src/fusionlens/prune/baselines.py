@@ -47,12 +47,13 @@ class Importance:
 
     @property
     def backward_passes(self) -> int:
-        return self._passes
+        return getattr(self, "_passes", 0)
 
     @backward_passes.setter
     def backward_passes(self, value: int) -> None:
-        if self._bar is not None and value > self._passes:
-            self._bar.update(value - self._passes)
+        bar = getattr(self, "_bar", None)  # a subclass may count before calling Importance.__init__
+        if bar is not None and value > self.backward_passes:
+            bar.update(value - self.backward_passes)
         self._passes = value
 
     def __call__(

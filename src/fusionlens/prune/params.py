@@ -13,6 +13,7 @@ pruning them mostly breaks normalisation. ``prunable_types`` / ``include_bias`` 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -243,16 +244,14 @@ _CRITERION_NAMES = (
 
 
 def check_loss_fn(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any]) -> None:
-    """Call ``loss_fn(model, batch)`` once on the first batch (eval mode, the model's state untouched) and raise a
-    ``TypeError`` showing the expected call if it fails or does not return a differentiable scalar tensor.
+    """Call ``loss_fn`` once on the first batch with a train-mode copy of ``model`` (the model's state untouched) and
+    raise a ``TypeError`` showing the expected call if it fails or does not return a differentiable scalar tensor.
 
     A one-shot iterator is not checked (taking its first batch would steal it from the method)."""
     expected = (
         "loss_fn must be called as loss_fn(model, batch) and return a scalar tensor, e.g. "
         "loss_fn = lambda model, batch: criterion(model(batch['inputs']), batch['target'])"
     )
-    import inspect
-
     try:
         first = next(iter(inspect.signature(loss_fn).parameters))
     except (TypeError, ValueError, StopIteration):
@@ -264,14 +263,11 @@ def check_loss_fn(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any]) -> 
     batch = next(iter(batches), None)
     if batch is None:
         raise ValueError("batches is empty")
-    was_training = model.training
-    model.eval()  # no running statistics updated by the check
+    probe = clone_model(model).train()  # train mode, as the methods call it; a copy: no running statistics change
     try:
-        loss = loss_fn(model, batch)
+        loss = loss_fn(probe, batch)
     except (TypeError, AttributeError, IndexError, KeyError) as exc:
         raise TypeError(f"{expected}; on the first batch it raised {type(exc).__name__}: {exc}") from exc
-    finally:
-        model.train(was_training)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         got = type(loss).__name__ if not isinstance(loss, torch.Tensor) else f"a tensor of shape {tuple(loss.shape)}"
         raise TypeError(f"{expected}; on the first batch it returned {got}")

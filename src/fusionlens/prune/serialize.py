@@ -5,8 +5,8 @@
 
 What is stored: the state dict with every ``torch.nn.utils.prune`` mask folded into its weight (pruned entries are
 plain zeros; the masks are kept next to it, ``load_pruned(..., masks=True)`` re-installs them for further
-fine-tuning), the *structure* -- each parameter's and buffer's shape, and for every module whose tensors changed
-shape its plain attributes (``in_channels``, ``out_channels``, ``num_features``, ``groups``, ``embed_dim``,
+fine-tuning), the *structure* -- each parameter's and buffer's shape, and every module's
+plain public attributes (``in_channels``, ``out_channels``, ``num_features``, ``groups``, ``embed_dim``,
 ``head_dim``, ...) -- and the model's class name. Loading reshapes the fresh instance to the recorded structure
 and then calls ``load_state_dict(strict=True)``; the file is read with ``torch.load(weights_only=True)``.
 
@@ -67,8 +67,9 @@ def pruned_structure(model: nn.Module) -> dict[str, Any]:
 def reshape_to(model: nn.Module, structure: Mapping[str, Any]) -> nn.Module:
     """Reshape ``model`` in place to ``structure`` (from :func:`pruned_structure`): every tensor whose recorded shape
     differs is replaced by an uninitialised one of that shape (its values come from the state dict loaded next),
-    and each such module gets its recorded plain attributes. ``ValueError`` if the model's tensors or modules are
-    not the recorded ones (another architecture)."""
+    and every existing plain attribute whose recorded value differs is set to it (``in_channels``, ``num_features``
+    ... -- also of modules that hold no tensor, such as a parameter-free InstanceNorm). ``ValueError`` if the
+    model's tensors are not the recorded ones (another architecture)."""
     shapes, attributes = structure["shapes"], structure["attributes"]
     mine = {f"{m}.{n}" if m else n for m, mod in model.named_modules() for n in _tensors(mod)}
     if mine != set(shapes):
@@ -79,21 +80,20 @@ def reshape_to(model: nn.Module, structure: Mapping[str, Any]) -> nn.Module:
         )
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
-        changed = False
         for name, t in _tensors(module).items():
             shape = torch.Size(shapes[prefix + name])
             if t.shape == shape:
                 continue
-            changed = True
             fresh = torch.empty(shape, dtype=t.dtype, device=t.device)
             if isinstance(t, nn.Parameter):
                 setattr(module, name, nn.Parameter(fresh, requires_grad=t.requires_grad))
             else:
                 module._buffers[name] = fresh
-        if changed:
-            for key, value in attributes.get(mod_name, {}).items():
-                current = getattr(module, key, None)
-                setattr(module, key, tuple(value) if isinstance(current, tuple) else value)
+        for key, value in attributes.get(mod_name, {}).items():  # widths, also of modules without tensors
+            current = getattr(module, key, None)
+            value = tuple(value) if isinstance(current, tuple) else value
+            if hasattr(module, key) and current != value:
+                setattr(module, key, value)
     return model
 
 

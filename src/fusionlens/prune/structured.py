@@ -359,6 +359,29 @@ def _check_shapes(target: nn.Module, example_inputs: Any, shapes: list[torch.Siz
         raise RuntimeError(f"the output shapes changed from {shapes} to {after}")
 
 
+def _sync_parameter_free_norms(model: nn.Module, example_inputs: Any) -> None:
+    """Set ``num_features`` of an InstanceNorm without affine parameters or running statistics to the width it now
+    receives: it holds no tensor for Torch-Pruning to prune, so the attribute kept the old width (and PyTorch warns
+    on every forward)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.instancenorm._InstanceNorm)
+             and m.weight is None and m.running_mean is None]
+    seen: dict[nn.Module, int] = {}
+
+    def record(mod: nn.Module, args: tuple) -> None:
+        seen.setdefault(mod, args[0].shape[1])
+
+    hooks = [m.register_forward_pre_hook(record) for m in norms]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call_model(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    for m, width in seen.items():
+        m.num_features = int(width)
+
+
 def structured_prune(
     model: nn.Module,
     scores: Mapping[str, torch.Tensor],
@@ -416,6 +439,7 @@ def structured_prune(
                 checked = failed.index + 1
     for i, reason in skipped.items():
         left[plan[i].module] = f"removing its channels broke the forward pass ({reason})"
+    _sync_parameter_free_norms(target, example_inputs)
     if left:
         warnings.warn(
             f"structured pruning left {len(left)} layer group(s) whole: "
