@@ -19,7 +19,7 @@ Algorithm 1, as implemented by :class:`AlterMOMA`:
    ``ReRI_m(theta^i) = |theta_0^i * dL_m(mu_m=0; D)/dtheta_0^i - theta_0^i * dL_m(mu_m=0; D_B)/dtheta_B^i|``,
    where the gradient on ``theta_B`` replaces the one on ``theta_0`` by Proposition A (eq. 9, 14-19: dropping
    the ``eps * Hessian`` terms for a small ``eps``). The first gradient is the one the first reactivation step
-   takes anyway, so each stage costs ``B + 1`` backward passes.
+   takes anyway, so each stage costs ``B + 1`` backward passes (``2n + B - 1`` with D made of ``n`` batches).
 3. AlterEva (eq. 11-13, 27, 36) with per-group normalisation (sums over the group's prunable parameters):
    ``S(theta_k^i) = alpha * DeCI^i / sum_k DeCI - beta/(M-1) * sum_{m != k} ReRI_m^i / sum_k ReRI_m``
    for a backbone ``k``, and
@@ -30,7 +30,19 @@ Algorithm 1, as implemented by :class:`AlterMOMA`:
 4. The pruner keeps the top ``(1 - rho)`` of ``S`` globally and applies the masks to ``theta_init`` (lines
    8-10); fine-tuning with fixed masks is line 11.
 
-Cost: ``1 + M * (B + 1)`` backward passes, i.e. ``2B + 3`` for a camera-LiDAR model (``backward_passes``).
+Readings the text leaves open (options; docs/altermoma.md has the measurements):
+
+* ``reference_batches = n``: D, the data of ``L(mu; D)`` (eq. 3-7), is ``n`` batches; DeCI, ``g_0`` and the first
+  reactivation step use the mean gradient over them, and ``g_B`` is averaged over ``n`` batches too. The paper's
+  D is the dataset the reactivation batches ``D_1..D_B`` are sampled from (Proposition A), so ``n > 1`` estimates a
+  dataset quantity where ``n = 1`` uses one batch of it.
+* ``same_batch_reri``: ``g_B`` on D's batches again instead of fresh ones, so ``g_0 - g_B`` is the change of the
+  gradient along the reactivation and not, in addition, the batch-to-batch change.
+* ``reactivation_optimizer``: ``"sgd"`` is eq. 16's update (the one Proposition A's derivation assumes);
+  ``"adam"`` (lr 1e-4) is how the paper trains and fine-tunes its models.
+
+Cost: ``n + M * (2n + B - 1)`` backward passes, i.e. ``2B + 3`` for a camera-LiDAR model with ``n = 1``
+(``backward_passes``).
 ``B`` and ``eps`` are not given in the paper; the defaults (B = 8, eps = 1e-3) were chosen by a small sweep
 on the built-in world (B in {2, 8} x eps in {1e-3, 1e-2}, camera-LiDAR, 85%, one seed: benchmarks/prune_sweep.py,
 numbers in benchmarks/RESULTS.md); the differences there are within seed noise, so treat them as a starting
@@ -116,7 +128,8 @@ def altereva(
 class AlterMOMA(Importance):
     """AlterMOMA importance (module docstring). ``groups``: a :class:`ParamGroups`, module-name prefixes
     (``{"camera": ["cam_encoder"], "lidar": ["lidar_encoder"]}``) or ``None`` for ``model.modality_groups()``.
-    ``batches`` must yield at least ``B + 1`` batches per modality stage (it is re-iterated if needed)."""
+    ``batches`` should yield ``n + M (n + B - 1)`` distinct batches (``n = reference_batches``; D first, then each
+    stage's ``B - 1`` reactivation batches and ``n`` for ``g_B``); it is re-iterated if it holds fewer."""
 
     name = "altermoma"
     needs_data = True
