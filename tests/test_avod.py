@@ -54,6 +54,9 @@ def test_roi_align_in_torch_equals_torchvision_and_differentiates_twice():
     for aligned in (True, False):
         torch.testing.assert_close(roi_align_torch(x, rois, 3, 1.0, 2, aligned), roi_align(x, rois, 3, 1.0, 2, aligned),
                                    atol=1e-12, rtol=0)
+    bad = torch.tensor([[0, float("nan"), 1.0, 5.0, 6.0], [1, 0.0, float("-inf"), 4.0, float("inf")]],
+                       dtype=torch.double)  # boxes of a diverged regression: zeros, not an indexing error
+    assert torch.isfinite(roi_align_torch(x, bad, 2)[:, :, 0, 0]).all()
     (g,) = torch.autograd.grad(roi_align_torch(x, rois, 2).pow(2).sum(), x, create_graph=True)
     (gg,) = torch.autograd.grad(g.pow(2).sum(), x)  # the second derivative torchvision's kernel refuses
     assert torch.isfinite(gg).all() and gg.abs().sum() > 0

@@ -27,7 +27,11 @@ def roi_align_torch(features: torch.Tensor, rois: torch.Tensor, output_size: int
     steps = ((torch.arange(p)[:, None] * s + torch.arange(s)[None, :] + 0.5) / s).reshape(-1).to(rois)  # bin units
     ys = (y1[:, None] + steps[None] * (rh / p)[:, None])[:, :, None].expand(-1, p * s, p * s)
     xs = (x1[:, None] + steps[None] * (rw / p)[:, None])[:, None, :].expand(-1, p * s, p * s)
-    inside = (ys >= -1.0) & (ys <= h) & (xs >= -1.0) & (xs <= w)
+    inside = (ys >= -1.0) & (ys <= h) & (xs >= -1.0) & (xs <= w)  # False for NaN too
+    # outside samples are zeroed below; keep their indices finite and in range (NaN or inf boxes from a diverged
+    # regression would otherwise index at int64 min)
+    ys = torch.where(inside, ys, torch.zeros_like(ys))
+    xs = torch.where(inside, xs, torch.zeros_like(xs))
 
     def corners(v: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         v = v.clamp(min=0.0)
