@@ -137,6 +137,14 @@ def test_attention_fuser_keeps_whole_heads() -> None:
     assert pruned.attn.embed_dim == 8 and pruned.attn.head_dim == 2 and pruned.attn.num_heads == 4
 
 
+def test_group_norm_keeps_whole_groups() -> None:
+    """Half of 12 channels would leave 6, which 4 groups cannot split: the kept width rounds up to 8."""
+    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.GroupNorm(4, 12), nn.ReLU(), nn.Conv2d(12, 5, 1)).eval()
+    result = prune(model, "magnitude", 0.5, structured=True, example_inputs=torch.randn(1, 3, 8, 8))
+    assert result.model[0].out_channels == result.model[1].num_channels == 8 and result.model[1].num_groups == 4
+    assert result.report["left_whole"] == {}
+
+
 def test_structured_needs_example_inputs_and_load_refuses_other_models(tmp_path: Path) -> None:
     model = UNet().eval()
     with pytest.raises(ValueError, match="example_inputs"):

@@ -107,12 +107,15 @@ def _boundary_consumer(group: Any, names: Mapping[nn.Module, str]) -> str | None
 
 
 def _n_remove(module: nn.Module, ratio: float, group: Any = None) -> int:
-    """``floor(ratio * C)`` channels, at least one kept; where the group holds an ``nn.MultiheadAttention``, the
-    kept width is rounded up to a multiple of its head count (the embedding splits evenly into heads)."""
+    """``floor(ratio * C)`` channels, at least one kept; where the group holds an ``nn.MultiheadAttention`` or an
+    ``nn.GroupNorm``, the kept width is rounded up to a multiple of its head / group count (the channels must split
+    evenly into heads and groups)."""
     n = module.out_features if isinstance(module, nn.Linear) else module.out_channels
     remove = min(int(ratio * n), n - 1)
     members = [dep.target.module for dep, _ in (group or [])]
-    for h in [m.num_heads for m in members if isinstance(m, nn.MultiheadAttention)]:
+    splits = [m.num_heads for m in members if isinstance(m, nn.MultiheadAttention)]
+    splits += [m.num_groups for m in members if isinstance(m, nn.GroupNorm)]
+    for h in splits:
         remove = n - -(-(n - remove) // h) * h
     return max(remove, 0)
 
