@@ -149,6 +149,15 @@ def test_structured_needs_example_inputs_and_load_refuses_other_models(tmp_path:
     model = UNet().eval()
     with pytest.raises(ValueError, match="example_inputs"):
         prune(model, "magnitude", 0.5, structured=True)
+    scored: list[int] = []  # bad inputs and foreign layers fail before any scoring
+    loss = lambda m, b: scored.append(1) or m(b).mean()  # noqa: E731
+    with pytest.raises(ValueError, match=r"example_inputs do not run through UNet.*RuntimeError"):
+        prune(model, "snip", 0.5, structured=True, example_inputs=torch.randn(1, 5, 16, 16), loss_fn=loss,
+              batches=[torch.randn(1, 3, 16, 16)])
+    with pytest.raises(ValueError, match=r"foreign \['Conv2d'\]"):
+        prune(model, "snip", 0.5, structured=True, example_inputs=torch.randn(1, 3, 16, 16),
+              ignored_layers=[nn.Conv2d(1, 1, 1)], loss_fn=loss, batches=[torch.randn(1, 3, 16, 16)])
+    assert scored == [] and model.training is False
     pruned = prune(model, "magnitude", 0.5, structured=True, example_inputs=torch.randn(1, 3, 16, 16)).model
     save_pruned(pruned, tmp_path / "u.pt")
     with pytest.raises(ValueError, match="saved from .*UNet, not .*AttentionFusion"):

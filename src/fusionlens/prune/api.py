@@ -37,7 +37,7 @@ from fusionlens.prune.params import (
 )
 from fusionlens.prune.prospr import ProsPr
 from fusionlens.prune.pruner import finetune, prune_with_scores, sparsity_report
-from fusionlens.prune.structured import structured_prune
+from fusionlens.prune.structured import check_structured_inputs, structured_prune
 
 METHODS: tuple[str, ...] = ("random", "magnitude", "imp", "snip", "synflow", "prospr", "altermoma")
 #: Options each method accepts (passed through ``options``), for validation and the CLI.
@@ -133,8 +133,10 @@ def prune(
         raise ValueError(f"finetune_steps must be >= 0, got {finetune_steps}")
     if finetune_steps and loss_fn is None:
         raise ValueError("fine-tuning needs loss_fn")
-    if structured and example_inputs is None:
-        raise ValueError("structured pruning needs example_inputs (a forward pass traces the channel dependencies)")
+    if structured:
+        if example_inputs is None:
+            raise ValueError("structured pruning needs example_inputs (a forward pass traces the channel dependencies)")
+        check_structured_inputs(model, example_inputs, ignored_layers)
     if input_factory is None and example_inputs is not None:
         input_factory = lambda: example_inputs  # noqa: E731  (SynFlow's input shapes)
     names = prunable_parameters(model, prunable_types, include_bias)

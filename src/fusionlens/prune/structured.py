@@ -362,6 +362,25 @@ def _check_shapes(target: nn.Module, example_inputs: Any, shapes: list[torch.Siz
         raise RuntimeError(f"the output shapes changed from {shapes} to {after}")
 
 
+def check_structured_inputs(model: nn.Module, example_inputs: Any, ignored_layers: Sequence[nn.Module] = ()) -> None:
+    """``ValueError`` unless ``ignored_layers`` are modules of ``model`` and ``example_inputs`` run through it (one
+    forward in eval mode without gradients; the model's mode is restored)."""
+    names = {id(m) for m in model.modules()}
+    unknown = [type(m).__name__ for m in ignored_layers if id(m) not in names]
+    if unknown:
+        raise ValueError(f"ignored_layers must be modules of the model, got foreign {unknown}")
+    was_training = model.training
+    try:
+        _output_shapes(model.eval(), example_inputs)
+    except Exception as exc:  # noqa: BLE001 -- any failure means the inputs do not fit the model
+        raise ValueError(
+            f"example_inputs do not run through {type(model).__name__} (a tensor is passed as the one positional "
+            f"input, a tuple as positionals, a dict as keywords): {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        model.train(was_training)
+
+
 def _sync_parameter_free_norms(model: nn.Module, example_inputs: Any) -> None:
     """Set ``num_features`` of an InstanceNorm without affine parameters or running statistics to the width it now
     receives: it holds no tensor for Torch-Pruning to prune, so the attribute kept the old width (and PyTorch warns
@@ -406,9 +425,7 @@ def structured_prune(
     ``left_whole``: ``{layer: reason}`` for every group left whole (pass such a layer in ``ignored_layers`` to
     leave it whole from the start, which skips the failed attempt)."""
     names = {id(m): n for n, m in model.named_modules()}
-    unknown = [type(m).__name__ for m in ignored_layers if id(m) not in names]
-    if unknown:
-        raise ValueError(f"ignored_layers must be modules of the model, got foreign {unknown}")
+    check_structured_inputs(model, example_inputs, ignored_layers)
     check_sparsity(sparsity, "sparsity")
     base = clone_model(model).eval()
     shapes = _output_shapes(base, example_inputs)
