@@ -183,7 +183,8 @@ class Mutant:
 
 
 DECOMPOSE_TESTS = ("tests/test_decompose_oracles.py",)
-DDP_TESTS = ("tests/test_train_ddp.py::test_two_gloo_processes_train_the_single_process_weights",)
+DDP_TESTS = ("tests/test_train_ddp.py::test_two_gloo_processes_train_the_single_process_weights",
+             "tests/test_train_ddp.py::test_two_gloo_processes_pretrain_the_single_process_camera_trunk")
 MUTANTS = [
     Mutant("activation", "F(0)=0 activations' components x 1/2", _halve_rules("relu", "gelu", "silu", "tanh"),
            DECOMPOSE_TESTS),

@@ -31,6 +31,7 @@ from fusionlens.data.sample import CLASSES, VEHICLE_CLASSES
 from fusionlens.io import atomic_torch_save, atomic_write_json, load_torch_file
 from fusionlens.models.camera import CameraEncoder, trunk_state_dict
 from fusionlens.models.config import CAMERA_DEPTHS
+from fusionlens.train.distributed import barrier, init_distributed, mean_over_ranks
 from fusionlens.world.config import WorldConfig
 from fusionlens.world.generate import WorldFrame, render_frame
 
@@ -102,7 +103,7 @@ def class_weights(targets: torch.Tensor) -> torch.Tensor:
     return (weights / weights.mean()).float()
 
 
-def segment(encoder: CameraEncoder, images: torch.Tensor) -> torch.Tensor:
+def segment(encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Per-pixel class logits ``(N, K, H, W)`` for uint8 images."""
     logits = encoder(images.float() / 255.0)
     return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
@@ -155,8 +156,12 @@ def pretrain_camera(config: CameraPretrainConfig, out: str | Path, *, resume: bo
         return dict(saved, reused=True)
     state_path = out.with_name(out.name + ".state.pt")
     world = WorldConfig().with_(image_size=config.image_size)
+    info = init_distributed(torch.device("cpu"))  # under torchrun: each rank takes a share of every step's frames
+    if config.batch_size % info.world_size:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {info.world_size} ranks")
     torch.manual_seed(config.seed)
     encoder = CameraEncoder(config.depth, len(PIXEL_CLASSES))
+    net = torch.nn.parallel.DistributedDataParallel(encoder) if info.enabled else encoder
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps,
                                                     pct_start=0.1)
@@ -182,6 +187,8 @@ def pretrain_camera(config: CameraPretrainConfig, out: str | Path, *, resume: bo
     frame_order = torch.cat(perms)
 
     def save_state(step: int) -> None:
+        if not info.is_main:
+            return
         atomic_torch_save(state_path, {
             "config": config.to_dict(), "encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "step": step, "losses": losses, "rng": torch.get_rng_state(),
@@ -189,12 +196,18 @@ def pretrain_camera(config: CameraPretrainConfig, out: str | Path, *, resume: bo
 
     t0 = time.perf_counter()
     encoder.train()
-    bar = tqdm(total=config.steps, initial=start, desc="pretrain camera", disable=not progress)
+    bar = tqdm(total=config.steps, initial=start, desc="pretrain camera", disable=not (progress and info.is_main))
+    share = config.batch_size // info.world_size
     for step in range(start, config.steps):
-        frames = frame_order[step * config.batch_size:(step + 1) * config.batch_size]
+        first = step * config.batch_size + info.rank * share
+        frames = frame_order[first:first + share]
         rows = (frames[:, None] * n_cam + torch.arange(n_cam)).flatten()
-        loss = F.cross_entropy(segment(encoder, images[rows]), targets[rows], weight=weights,
-                               ignore_index=IGNORE)
+        # the class-weighted mean over the global batch: this rank's weighted sum over the ranks' mean weight, so
+        # that DDP's averaged gradient is the single process's
+        target = targets[rows]
+        loss = F.cross_entropy(segment(net, images[rows]), target, weight=weights, ignore_index=IGNORE,
+                               reduction="sum")
+        loss = loss / mean_over_ranks(info, weights[target[target != IGNORE]].sum()).clamp(min=1e-12)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -208,10 +221,12 @@ def pretrain_camera(config: CameraPretrainConfig, out: str | Path, *, resume: bo
     seconds = time.perf_counter() - t0
     report: dict[str, Any] = {"config": config.to_dict(), "losses": losses, "seconds": seconds,
                               "class_weights": weights.tolist()}
-    if config.val_frames:
-        val_images, val_targets = render_pixel_set(world, config.world_seed, "val", config.val_frames, progress)
-        report["val_pixel_iou"] = pixel_iou(encoder, val_images, val_targets)
-    atomic_torch_save(out, trunk_state_dict(encoder))
-    atomic_write_json(report_path, report)
-    state_path.unlink(missing_ok=True)
+    if info.is_main:  # one writer; the other ranks wait until the trunk is there
+        if config.val_frames:
+            val_images, val_targets = render_pixel_set(world, config.world_seed, "val", config.val_frames, progress)
+            report["val_pixel_iou"] = pixel_iou(encoder, val_images, val_targets)
+        atomic_torch_save(out, trunk_state_dict(encoder))
+        atomic_write_json(report_path, report)
+        state_path.unlink(missing_ok=True)
+    barrier(info)
     return report
