@@ -102,7 +102,9 @@ def _equivalence_run(rank: int, world: int, port: int, out: str) -> None:
         os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
     cfg = preset_config("tiny", "radar,lidar", **SMALL)
-    train(cfg, TrainConfig(steps=4, batch_size=4 // world, lr=1e-2, grad_clip=0.5), SyntheticDataset(16, seed=0),
+    # grad_clip 1.5: the first step's gradient (norm ~1.7) is clipped, the next ones (~1.1) are not, so their
+    # scale reaches AdamW's moments -- a run that sums the ranks' gradients instead of averaging them differs
+    train(cfg, TrainConfig(steps=4, batch_size=4 // world, lr=1e-2, grad_clip=1.5), SyntheticDataset(16, seed=0),
           checkpoint=out, prepare_model=per_sample_norms, progress=False)
     if world > 1:
         import torch.distributed as dist
