@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,10 @@ def test_builtin_world_pairs_with_partners(world, pair, partner):
     assert {f["fault"] for f in result.tables["faults"]} == {f"no {m}" for m in mods}
     assert all(r["conservation_error"] < 1e-4 for r in result.records)
     assert len(result.pages) == 1 and next(iter(result.pages.values())).with_suffix(".png").is_file()
+    # the default error bound: the lower quartile of the reference samples' IoUs (read back from the cache)
+    cached = [json.loads(p.read_text())["iou"] for p in sorted((result.out / "cache" / "reference").glob("*.json"))]
+    ious = [c["inter"] / c["union"] for c in cached if c["union"] > 0]
+    assert len(cached) == 4 and result.monitor["samples"]["error_iou"] == pytest.approx(np.quantile(ious, 0.25))
 
 
 def test_nuscenes_fixture(tmp_path):

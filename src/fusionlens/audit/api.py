@@ -68,7 +68,7 @@ def _indices(dataset: Any, indices: Sequence[int] | None, option: str) -> list[i
     return out
 
 
-def _check_options(threshold: float, bands: Sequence[float], quantile: float, error_iou: float,
+def _check_options(threshold: float, bands: Sequence[float], quantile: float, error_iou: float | None,
                    max_pages: int) -> list[float]:
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold}")
@@ -77,7 +77,7 @@ def _check_options(threshold: float, bands: Sequence[float], quantile: float, er
         raise ValueError(f"distance_bands must be >= 2 increasing non-negative edges, got {list(bands)}")
     if not 0 < quantile < 1:
         raise ValueError(f"monitor_quantile must be in (0, 1), got {quantile}")
-    if not 0 <= error_iou <= 1:
+    if error_iou is not None and not 0 <= error_iou <= 1:
         raise ValueError(f"error_iou must be in [0, 1], got {error_iou}")
     if max_pages < 0:
         raise ValueError(f"max_pages must be >= 0, got {max_pages}")
@@ -140,7 +140,7 @@ def audit(
     distance_bands: Sequence[float] = DEFAULT_DISTANCE_BANDS,
     faults: bool | Sequence[str] | Mapping[str, ModelSpec] = True,
     monitor_quantile: float = 0.95,
-    error_iou: float = 0.5,
+    error_iou: float | None = None,
     select: Sequence[int] = (),
     max_pages: int = 12,
     visibility: Visibility = DEFAULT_VISIBILITY,
@@ -169,7 +169,9 @@ def audit(
         faults: ``True`` = every modality blacked out in turn, a list of modalities, ``False``, or name ->
             a ModelSpec of the faulted model (custom faults).
         monitor_quantile: the monitor's threshold as a quantile of the reference scores.
-        error_iou: a sample whose IoU is below it counts as an error of the model (monitor quality).
+        error_iou: a sample whose IoU is below it counts as an error of the model (monitor quality); default: the
+            lower quartile of the reference samples' IoUs (an error is a sample among the model's worst quarter by
+            its own standard, whatever its overall quality).
         select: sample indices that get a page whatever the monitor says; flagged samples fill up to ``max_pages``.
         visibility: when a built-in sensor counts as having seen an object (right-sensor table).
         title / notes: the report's title and paragraphs of plain text shown under it (e.g. how the model was made).
@@ -252,8 +254,13 @@ def audit(
     return result
 
 
+def _iou(record: dict[str, Any]) -> float | None:
+    iou = record["iou"]
+    return iou["inter"] / iou["union"] if iou and iou["union"] > 0 else None
+
+
 def _monitor(records: list[dict[str, Any]], ref_records: list[dict[str, Any]], mods: Sequence[str],
-             quantile: float, error_iou: float, separate_reference: bool) -> dict[str, Any]:
+             quantile: float, error_iou: float | None, separate_reference: bool) -> dict[str, Any]:
     """Fit the sample and object monitors on the reference records; score and flag the audited ones in place."""
     out: dict[str, Any] = {"reference": "a separate reference split" if separate_reference else
                            "the audited samples themselves (no reference split given)"}
@@ -265,13 +272,20 @@ def _monitor(records: list[dict[str, Any]], ref_records: list[dict[str, Any]], m
         return out
     mon = ShareMonitor.fit(ref, quantile=quantile)
     scores = mon.score(torch.tensor([sample_vector(r, mods) for r in records], dtype=torch.float64)).tolist()
+    if error_iou is None:
+        ref_ious = [_iou(r) for r in ref_records if _iou(r) is not None]
+        error_iou = float(torch.quantile(torch.tensor(ref_ious, dtype=torch.float64), 0.25)) if ref_ious else None
+        how = "the lower quartile of the reference samples' IoUs"
+    else:
+        how = "given"
     errors = []
     for r, s in zip(records, scores):
         r["monitor"], r["flagged"] = s, s > mon.threshold
-        iou = r["iou"]
-        errors.append(None if not iou or iou["union"] <= 0 else iou["inter"] / iou["union"] < error_iou)
+        iou = _iou(r)
+        errors.append(None if iou is None or error_iou is None else iou < error_iou)
     out["samples"] = {**mon.to_dict(), **flag_quality(scores, [r["flagged"] for r in records], errors),
-                      "error": f"sample IoU < {error_iou:g}", "flagged_samples": [r["index"] for r in records
+                      "error": "no ground truth" if error_iou is None else f"sample IoU < {error_iou:.3f} ({how})",
+                      "error_iou": error_iou, "flagged_samples": [r["index"] for r in records
                                                                                   if r["flagged"]]}
     ref_objects = [object_vector(o, mods) for r in ref_records for o in r["objects"]]
     objects = [o for r in records for o in r["objects"]]

@@ -11,7 +11,8 @@ failures before they become errors. The audit makes that a measurable monitor:
 * **threshold** -- the ``quantile`` of the reference scores (default 0.95: about 5 % of reference samples flagged,
   the false-alarm rate the user chooses).
 * **how good** -- where labels exist, the AUROC of the score for the model's own errors (a sample whose IoU is
-  below ``error_iou``; an object the model missed), and the error rate among flagged vs unflagged items.
+  below ``error_iou``, by default the lower quartile of the reference samples' IoUs; an object the model
+  missed), and the error rate among flagged vs unflagged items.
 """
 
 from __future__ import annotations

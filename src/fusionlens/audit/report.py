@@ -189,11 +189,12 @@ def write_report(result: AuditResult, spec: ModelSpec, dataset: Any, pages: Sequ
     bars("classes.png", [r for r in rel if r["group"] == "class"], "Ground-truth objects: share by class")
     mon = result.monitor.get("samples")
     if mon:
+        bound = mon.get("error_iou")
         errors = []
         for r in result.records:
             iou = r["iou"]
-            errors.append(None if not iou or iou["union"] <= 0 else
-                          iou["inter"] / iou["union"] < result.settings["error_iou"])
+            errors.append(None if not iou or iou["union"] <= 0 or bound is None else
+                          iou["inter"] / iou["union"] < bound)
         figures.monitor_plot(out / "monitor.png", [r["monitor"] for r in result.records],
                              [r["flagged"] for r in result.records], errors, mon["threshold"],
                              [r["name"] for r in result.records])

@@ -79,8 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="sensors blacked out in turn: 'all', 'none' or a comma list of modalities")
     p.add_argument("--quantile", type=finite_float, default=0.95,
                    help="monitor threshold: this quantile of the reference scores")
-    p.add_argument("--error-iou", type=finite_float, default=0.5,
-                   help="a sample with IoU below this counts as a model error (monitor quality)")
+    p.add_argument("--error-iou", type=finite_float, default=None,
+                   help="a sample with IoU below this counts as a model error (monitor quality); default: the lower "
+                        "quartile of the reference samples' IoUs")
     p.add_argument("--select", type=int, nargs="*", default=[], help="sample indices that always get a page")
     p.add_argument("--max-pages", type=int, default=12, help="pages for flagged samples (most unusual first)")
     p.add_argument("--title", default=None)

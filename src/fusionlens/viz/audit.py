@@ -56,14 +56,14 @@ def monitor_plot(path: str | Path, scores: Sequence[float], flagged: Sequence[bo
     colours = ["#d62728" if errors[i] else ("#7f7f7f" if errors[i] is None else "#1f77b4") for i in order]
     ax.bar(np.arange(len(order)), [scores[i] for i in order], color=colours, width=0.9)
     ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.2f}")
-    shown = [i for i in order if flagged[i]][:8]
-    for rank, i in enumerate(order):
-        if i in shown:
-            ax.annotate(names[i].replace("sample-", "#"), (rank, scores[i]), fontsize=7, rotation=60,
-                        xytext=(0, 3), textcoords="offset points")
+    for rank, i in enumerate(order[:5]):  # the five most unusual, named
+        if flagged[i]:
+            ax.annotate(names[i].replace("sample-", "#"), (rank, scores[i]), fontsize=7,
+                        xytext=(6 + 26 * rank, -4 - 9 * rank), textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "linewidth": 0.5})
     ax.set_xlabel("audited samples, most unusual first")
     ax.set_ylabel("monitor score")
-    ax.set_title("share monitor: red = model error (IoU below the bound), blue = fine, grey = no label",
+    ax.set_title("share monitor: red = model error (IoU below the error bound), blue = fine, grey = no label",
                  fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, path)
