@@ -116,20 +116,23 @@ def _prune_threshold() -> None:
         module.global_masks = one_more
 
 
-def _camera_visibility_zero() -> None:
-    """The world's camera visibility truth: no object is ever seen by a camera."""
-    from fusionlens.world import camera
+def _visibility_zero(module: str, function: str, *fields: str) -> Callable[[], None]:
+    """A sensor's visibility truth in the world: ``function`` of ``fusionlens.world.<module>`` reports no object
+    seen (its per-object ``fields`` zeroed)."""
+    def apply() -> None:
+        import importlib
 
-    original = camera.render_cameras
+        original = getattr(importlib.import_module(f"fusionlens.world.{module}"), function)
 
-    def blind(*args, **kwargs):
-        out = original(*args, **kwargs)
-        out.pixels[:] = 0
-        out.signal[:] = 0
-        return out
+        def blind(*args, **kwargs):
+            out = original(*args, **kwargs)
+            for field in fields:
+                getattr(out, field)[:] = 0
+            return out
 
-    for module in _modules_holding(original):
-        module.render_cameras = blind
+        for holder in _modules_holding(original):
+            setattr(holder, function, blind)
+    return apply
 
 
 def _ddp_hook(kind: str) -> Callable[[], None]:
@@ -209,10 +212,22 @@ MUTANTS = [
            "__matmul__", "einsum"), DECOMPOSE_TESTS),
     Mutant("product_share", "products: mixed terms taken whole instead of the 1/n share", _product_full_share,
            DECOMPOSE_TESTS),
+    Mutant("conv_linear", "convolution and F.linear components x 1/2", _halve_rules("conv2d", "linear"),
+           DECOMPOSE_TESTS),
+    Mutant("multi_head_attention", "nn.MultiheadAttention components x 1/2",
+           _halve_rules("multi_head_attention_forward"), ("tests/test_decompose_attention.py",)),
+    Mutant("normalize_norm", "F.normalize and vector-norm components x 1/2",
+           _halve_rules("normalize", "norm", "linalg_vector_norm"), ("tests/test_decompose_attention.py",)),
+    Mutant("log_softmax", "log_softmax components x 1/2", _halve_rules("log_softmax"),
+           ("tests/test_decompose_silent.py",)),
     Mutant("prune_threshold", "global threshold prunes round(rho N) + 1", _prune_threshold,
            ("tests/test_prune_cli.py", "tests/test_prune_pruner.py")),
-    Mutant("camera_visibility", "camera visibility flags all zero", _camera_visibility_zero,
-           ("tests/test_world_visibility.py",)),
+    Mutant("camera_visibility", "camera visibility flags all zero",
+           _visibility_zero("camera", "render_cameras", "pixels", "signal"), ("tests/test_world_visibility.py",)),
+    Mutant("lidar_visibility", "LiDAR points per object all zero",
+           _visibility_zero("lidar", "simulate_lidar", "per_object"), ("tests/test_world_visibility.py",)),
+    Mutant("radar_visibility", "radar points per object all zero",
+           _visibility_zero("radar", "simulate_radar", "per_object"), ("tests/test_world_visibility.py",)),
     Mutant("ddp_gradient_sum", "DDP sums gradients instead of averaging", _ddp_hook("sum"), DDP_TESTS),
     Mutant("ddp_no_allreduce", "DDP ranks step on their own gradients", _ddp_hook("local"), DDP_TESTS),
 ]
