@@ -33,6 +33,7 @@ MODULES = _public_modules()
 # names them), so each forked child starts with no fusionlens module in sys.modules and imports only its own.
 _RUNNER = """
 import importlib, json, os, sys, traceback
+import numpy, torch  # noqa: F401  (loaded once, before the discovery child forks)
 names = json.loads(sys.argv[1])
 read, write = os.pipe()
 if os.fork() == 0:
