@@ -41,6 +41,11 @@ Readings the text leaves open (options; docs/altermoma.md has the measurements):
 * ``reactivation_optimizer``: ``"sgd"`` is eq. 16's update (the one Proposition A's derivation assumes);
   ``"adam"`` (lr 1e-4) is how the paper trains and fine-tunes its models.
 
+The defaults are the paper-literal reading (``n = 1``, fresh batches for ``g_B``, SGD): none of the others did
+better on the built-in world, and none reached SNIP. ReRI is not batch noise there (split-half Spearman 0.66-0.81
+already at ``n = 1``), but it is rank-correlated with DeCI, so with alpha = beta the per-group-normalised score is a
+difference of two nearly proportional indicators whose own split-half correlation is 0.0-0.27 (docs/altermoma.md).
+
 Cost: ``n + M * (2n + B - 1)`` backward passes, i.e. ``2B + 3`` for a camera-LiDAR model with ``n = 1``
 (``backward_passes``).
 ``B`` and ``eps`` are not given in the paper; the defaults (B = 8, eps = 1e-3) were chosen by a small sweep
