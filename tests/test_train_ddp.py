@@ -93,9 +93,12 @@ def per_sample_norms(model: torch.nn.Module) -> None:
             per_sample_norms(child)
 
 
-def _equivalence_run(rank: int, world: int, port: int, out: str) -> None:
-    """One rank of the DDP run (``world`` 2, per-rank batch 2), or the single process (``world`` 1, batch 4)."""
+def _runs(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of the DDP runs (``world`` 2, half of each global batch) or the single process (``world`` 1): the
+    training loop (4 steps of 4 samples) and the camera pre-training (3 steps of 4 frames), in one process group."""
     import os
+
+    from fusionlens.train import camera_pretrain as cp
 
     torch.set_num_threads(1)
     if world > 1:
@@ -105,44 +108,7 @@ def _equivalence_run(rank: int, world: int, port: int, out: str) -> None:
     # grad_clip 1.5: the first step's gradient (norm ~1.7) is clipped, the next ones (~1.1) are not, so their
     # scale reaches AdamW's moments -- a run that sums the ranks' gradients instead of averaging them differs
     train(cfg, TrainConfig(steps=4, batch_size=4 // world, lr=1e-2, grad_clip=1.5), SyntheticDataset(16, seed=0),
-          checkpoint=out, prepare_model=per_sample_norms, progress=False)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_gloo_processes_train_the_single_process_weights(tmp_path) -> None:
-    """2 ranks x batch 2 and 1 process x batch 4 see the same global batches (rank r takes positions 2r, 2r+1 of
-    each step's 4): after 4 AdamW steps with clipping, the weights agree to float rounding."""
-    import torch.multiprocessing as mp
-
-    from torchrun_helper import free_port
-
-    single, ddp = tmp_path / "single.pt", tmp_path / "ddp.pt"
-    _equivalence_run(0, 1, 0, str(single))
-    mp.spawn(_equivalence_run, args=(2, free_port(), str(ddp)), nprocs=2, join=True)
-    one, two = load_checkpoint(single)["model"], load_checkpoint(ddp)["model"]
-    assert one.keys() == two.keys()
-    for name, weight in one.items():
-        torch.testing.assert_close(two[name], weight, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-    torch.manual_seed(0)  # the loop's initialisation: the weights did move, by far more than the tolerance
-    start = build_model(preset_config("tiny", "radar,lidar", **SMALL))
-    per_sample_norms(start)
-    assert max((one[n] - p).abs().max().item() for n, p in start.state_dict().items() if p.is_floating_point()) > 1e-3
-
-
-def _pretrain_run(rank: int, world: int, port: int, out: str) -> None:
-    """One rank of the DDP camera pre-training (``world`` 2, two frames each), or the single process (four)."""
-    import os
-
-    from fusionlens.train import camera_pretrain as cp
-
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+          checkpoint=f"{out}/train.pt", prepare_model=per_sample_norms, progress=False)
     encoder_class = cp.CameraEncoder
 
     def per_sample_encoder(*args, **kwargs):
@@ -152,25 +118,47 @@ def _pretrain_run(rank: int, world: int, port: int, out: str) -> None:
 
     cp.CameraEncoder = per_sample_encoder
     config = cp.CameraPretrainConfig(image_size=(16, 28), frames=4, val_frames=0, steps=3, batch_size=4, lr=2e-3)
-    cp.pretrain_camera(config, out, progress=False)
+    cp.pretrain_camera(config, f"{out}/trunk.pt", progress=False)
     if world > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_pretrain_the_single_process_camera_trunk(tmp_path) -> None:
-    """Camera pre-training, 2 ranks x 2 frames == 1 process x 4 frames per step (class-weighted cross-entropy over
-    the global batch), with the same per-sample-norm precondition as above."""
+@pytest.fixture(scope="module")
+def single_and_ddp(tmp_path_factory):
+    """Output folders of the single process and of two gloo ranks (``torch.multiprocessing``, spawned)."""
     import torch.multiprocessing as mp
 
     from torchrun_helper import free_port
 
-    single, ddp = tmp_path / "single.pt", tmp_path / "ddp.pt"
-    _pretrain_run(0, 1, 0, str(single))
-    mp.spawn(_pretrain_run, args=(2, free_port(), str(ddp)), nprocs=2, join=True)
-    one, two = torch.load(single), torch.load(ddp)
+    single, ddp = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("ddp")
+    _runs(0, 1, 0, str(single))
+    mp.spawn(_runs, args=(2, free_port(), str(ddp)), nprocs=2, join=True)
+    return single, ddp
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_the_single_process_weights(single_and_ddp) -> None:
+    """2 ranks x batch 2 and 1 process x batch 4 see the same global batches (rank r takes positions 2r, 2r+1 of
+    each step's 4): after 4 AdamW steps with clipping, the weights agree to float rounding."""
+    single, ddp = single_and_ddp
+    one, two = load_checkpoint(single / "train.pt")["model"], load_checkpoint(ddp / "train.pt")["model"]
+    assert one.keys() == two.keys()
+    for name, weight in one.items():
+        torch.testing.assert_close(two[name], weight, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    torch.manual_seed(0)  # the loop's initialisation: the weights did move, by far more than the tolerance
+    start = build_model(preset_config("tiny", "radar,lidar", **SMALL))
+    per_sample_norms(start)
+    assert max((one[n] - p).abs().max().item() for n, p in start.state_dict().items() if p.is_floating_point()) > 1e-3
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_pretrain_the_single_process_camera_trunk(single_and_ddp) -> None:
+    """Camera pre-training, 2 ranks x 2 frames == 1 process x 4 frames per step (class-weighted cross-entropy over
+    the global batch), with the same per-sample-norm precondition."""
+    single, ddp = single_and_ddp
+    one, two = torch.load(single / "trunk.pt"), torch.load(ddp / "trunk.pt")
     assert one.keys() == two.keys() and len(one) > 20
     # AdamW divides by sqrt(v): where a gradient entry is nearly zero, the rounding of another summation order moves
     # its update by a visible fraction of lr (2e-3), so the tolerance is 5 % of one step
