@@ -193,3 +193,15 @@ def test_cli_flags_describe_the_reading() -> None:
     literal = altermoma_config(parser.parse_args(["reproduce", "altermoma"]))
     assert literal.altermoma_options == {} and literal.device == "cpu"
     assert ReproduceConfig().altermoma_options == {}
+
+
+def test_prune_command_takes_the_reading_options() -> None:
+    from fusionlens.cli import build_parser
+    from fusionlens.cli.prune import method_options
+
+    base = ["prune", "--checkpoint", "m.pt", "--sparsity", "0.5", "--out", "p.pt"]
+    args = build_parser().parse_args([*base, "--method", "altermoma", "--reference-batches", "4",
+                                      "--reactivation-optimizer", "adam"])
+    assert method_options(args) == {"reference_batches": 4, "reactivation_optimizer": "adam"}
+    with pytest.raises(ValueError, match="--reference-batches is an option of --method altermoma"):
+        method_options(build_parser().parse_args([*base, "--method", "snip", "--reference-batches", "4"]))

@@ -33,6 +33,8 @@ _OPTION_FLAGS: dict[str, tuple[str, str]] = {
     "beta": ("altermoma", "beta"),
     "reactivation_steps": ("altermoma", "reactivation_steps"),
     "reactivation_lr": ("altermoma", "reactivation_lr"),
+    "reference_batches": ("altermoma", "reference_batches"),
+    "reactivation_optimizer": ("altermoma", "reactivation_optimizer"),
     "imp_rounds": ("imp", "rounds"),
     "imp_steps": ("imp", "steps_per_round"),
     "synflow_iterations": ("synflow", "iterations"),
@@ -173,8 +175,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--reactivation-lr",
         type=finite_float,
         default=None,
-        help=f"AlterMOMA reactivation SGD learning rate ({DEFAULT_REACTIVATION_LR:g})",
+        help=f"AlterMOMA reactivation learning rate (SGD {DEFAULT_REACTIVATION_LR:g}, Adam 1e-4)",
     )
+    g.add_argument("--reference-batches", type=int, default=None,
+                   help="AlterMOMA: batches making up D (1; docs/altermoma.md)")
+    g.add_argument("--reactivation-optimizer", choices=("sgd", "adam"), default=None,
+                   help="AlterMOMA reactivation optimiser (sgd)")
     g.add_argument("--imp-rounds", type=int, default=None)
     g.add_argument("--imp-steps", type=int, default=None, help="IMP training steps per round")
     g.add_argument("--synflow-iterations", type=int, default=None)
