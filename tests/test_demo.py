@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from fusionlens.demo import main
@@ -13,11 +14,13 @@ def test_demo_runs_every_step_and_writes_a_report(tmp_path):
                  "--steps", "1", "--train-size", "4", "--finetune-steps", "1", "--trunk-steps", "2",
                  "--trunk-frames", "2"])
     assert code == 0
-    report = (out / "report.md").read_text()
-    linked = re.findall(r"\]\(([^)]+\.png)\)", report)
-    assert any(p.startswith("explain/") for p in linked) and any(p.startswith("world/") for p in linked)
-    assert all((out / p).is_file() for p in linked)
-    assert "| altermoma |" in report and "| magnitude |" in report and "| snip |" in report
+    report = (out / "audit" / "index.html").read_text()  # the demo ends with the sensor-reliance audit
+    linked = re.findall(r'src="([^"]+\.png)"', report)
+    assert "overview.png" in linked and all((out / "audit" / p).is_file() for p in linked)
+    assert any((out / "explain").glob("*.png")) and any((out / "world").glob("*.png"))
+    saved = json.loads((out / "audit" / "audit.json").read_text())
+    assert set(saved["settings"]["partners"]) == {"radar-only"} and len(saved["samples"]) == 3
+    assert all(f"{m} 0." in report or f"{m} nan" in report for m in ("altermoma", "magnitude", "snip"))
     assert (out / "checkpoints" / "camera_radar.pt").is_file()
     assert (out / "checkpoints" / "camera_trunk.pt").is_file()
     # a second run reuses the finished checkpoint instead of failing on it

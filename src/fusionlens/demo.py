@@ -3,7 +3,7 @@
 Steps: (1) generate a small built-in dataset, (2) draw sample figures, then the main job
 (:mod:`fusionlens.demo_pipeline`): (3) pre-train the camera trunk on the world's pixel labels, (4) train a tiny
 camera-radar model, (5) evaluate it, (6) explain it with LMD, (7) prune it with AlterMOMA, magnitude and SNIP,
-(8) write ``report.md``.
+(8) audit which sensor it relies on, against a radar-only partner: the report, ``audit/index.html``.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("world figures", step_world_figures),
     ("pre-train the camera trunk on the world's pixel labels", demo_pipeline.step_pretrain_camera),
     ("train a tiny camera-radar model", demo_pipeline.step_train),
+    ("train its radar-only partner", demo_pipeline.step_train_partner),
     ("evaluate: vehicle IoU", demo_pipeline.step_evaluate),
     ("explain: LMD panels", demo_pipeline.step_explain),
     ("prune: AlterMOMA vs magnitude and SNIP at 85%", demo_pipeline.step_prune),
-    ("report", demo_pipeline.step_report),
+    ("report: sensor-reliance audit", demo_pipeline.step_audit),
 ]
 
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         step(ctx)
         print(f"  done in {time.perf_counter() - start:.1f} s")
     print(f"demo outputs are in {ctx['out'].resolve()}")
+    print(f"report: {ctx['report'].resolve()}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """The demo's main job after the world: train a tiny camera-radar model, evaluate it, explain it with LMD, prune
-it with AlterMOMA and a magnitude baseline, and write a report. Each step is the same ``fusionlens`` command a
-user would type, so the demo doubles as a worked example of the command line; finished steps are reused when
-the demo is run again (checkpoints are written atomically and training resumes)."""
+it with AlterMOMA, magnitude and SNIP, and audit which sensor it relies on (the report). Each step is the same
+``fusionlens`` command a user would type, so the demo doubles as a worked example of the command line; finished
+steps are reused when the demo is run again (checkpoints are written atomically and training resumes)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from fusionlens.cli import main as cli
-from fusionlens.io import atomic_write_text
 
 
 def _run(argv: list[str]) -> None:
@@ -92,26 +91,42 @@ def step_prune(ctx: dict[str, Any]) -> None:
         ctx["pruned"][method] = json.loads(out.with_suffix(".json").read_text())
 
 
-def step_report(ctx: dict[str, Any]) -> None:
-    """``report.md``: the numbers of every step, with links to the figures."""
-    out: Path = ctx["out"]
-    lines = ["# fusionlens demo report", "",
-             f"Built-in world, seed {ctx['seed']}; tiny camera-radar model trained {ctx['steps']} steps.", ""]
+def step_train_partner(ctx: dict[str, Any]) -> None:
+    """A radar-only model trained like the demo model: the audit's single-modality partner (which vehicles radar
+    alone finds that the fusion model misses, and the reverse)."""
+    checkpoint = ctx["out"] / "checkpoints" / "radar.pt"
+    ctx["partner"] = checkpoint
+    argv = ["train", "--modalities", "radar", "--preset", "tiny", "--steps", str(ctx["steps"]),
+            "--train-size", str(ctx["train_size"]), "--val-size", "0", "--out", str(checkpoint), *_data_args(ctx)]
+    _run([*argv, "--resume"] if checkpoint.exists() else argv)
+
+
+def _notes(ctx: dict[str, Any]) -> list[str]:
+    """The other steps' numbers, shown under the audit report's title."""
+    notes = [f"fusionlens demo: built-in world, seed {ctx['seed']}; tiny camera-radar model and a radar-only partner "
+             f"trained {ctx['steps']} steps on {ctx['train_size']} samples; the monitor's reference is the training "
+             "split. LMD panels of the first samples: ../explain/; world figures: ../world/."]
     metrics = ctx.get("evaluation", {}).get("iou", {})
     if isinstance(metrics, dict) and metrics:
-        lines += ["## Vehicle IoU (validation)", "", "| subset | IoU |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in metrics.items() if isinstance(v, float)]
-        lines.append("")
-    lines += ["## Which sensor found which car (LMD)", ""]
-    for png in sorted((out / "explain").glob("*.png")):
-        lines.append(f"![{png.stem}](explain/{png.name})")
-    lines += ["", "## Pruning at 85% sparsity (fine-tuned with the masks fixed)", "",
-              "| method | IoU before | IoU after | scoring backward passes | checkpoint |", "|---|---|---|---|---|"]
-    before = metrics.get("all", float("nan")) if isinstance(metrics, dict) else float("nan")
-    for method, report in ctx.get("pruned", {}).items():
-        lines.append(f"| {method} | {before:.3f} | {report.get('iou_after', float('nan')):.3f} | "
-                     f"{report.get('scoring_backward_passes', '-')} | {report.get('output', '')} |")
-    lines += ["", ALTERMOMA_NOTE, "", "## World samples", ""]
-    lines += [f"![{png.stem}](world/{png.name})" for png in sorted((out / "world").glob("*.png"))]
-    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
-    print(f"  report: {(out / 'report.md').resolve()}")
+        notes.append("Vehicle IoU (validation): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                                              if isinstance(v, float)) + ".")
+    pruned = ctx.get("pruned", {})
+    if pruned:
+        before = metrics.get("all", float("nan")) if isinstance(metrics, dict) else float("nan")
+        after = ", ".join(f"{method} {report.get('iou_after', float('nan')):.3f}" for method, report in pruned.items())
+        notes.append(f"Pruning at 85% sparsity, fine-tuned with the masks fixed -- IoU {before:.3f} before, after: "
+                     f"{after}. {ALTERMOMA_NOTE}")
+    return notes
+
+
+def step_audit(ctx: dict[str, Any]) -> None:
+    """The demo's report: the sensor-reliance audit of the demo model (HTML, with every number in JSON / CSV)."""
+    out = ctx["out"] / "audit"
+    argv = ["audit", "--checkpoint", str(ctx["checkpoint"]), "--partner", f"radar-only={ctx['partner']}",
+            "--split", "val", "--size", str(ctx["samples"]), "--reference-split", "train",
+            "--reference-size", str(min(ctx["train_size"], 32)), "--out", str(out), "--no-progress",
+            "--title", "fusionlens demo: sensor-reliance audit of the tiny camera-radar model", *_data_args(ctx)]
+    for note in _notes(ctx):
+        argv += ["--note", note]
+    _run(argv)
+    ctx["report"] = out / "index.html"
