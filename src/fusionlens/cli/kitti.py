@@ -8,8 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fusionlens.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from fusionlens.experiments.kitti import KittiProtocol
 
 KITTI_MODALITIES = ("camera", "lidar")
 
@@ -28,7 +32,7 @@ def _classes(text: str) -> tuple[str, ...]:
 
 def _dataroot(args: argparse.Namespace) -> str:
     if not getattr(args, "dataroot", None):
-        raise ValueError("--data kitti needs --dataroot (the folder with training/ and ImageSets/; "
+        raise ValueError("KITTI data need --dataroot (the folder with training/ and ImageSets/; "
                          "'fusionlens kitti export' writes one from the built-in world)")
     return args.dataroot
 
@@ -124,18 +128,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.set_defaults(func=run_tables)
 
 
+def _tables(dataroot: str, out: str | Path, protocol: KittiProtocol, methods: tuple[str, ...],
+            sparsities: list[float], seeds: list[int], progress: bool) -> int:
+    from fusionlens.experiments.kitti import KittiTables
+
+    text = KittiTables(dataroot, out, protocol, progress=progress).run(methods, sparsities, seeds)
+    atomic_write_text(Path(out) / "tables.md", text + "\n")
+    print(text)
+    return 0
+
+
 def run_tables(args: argparse.Namespace) -> int:
-    from fusionlens.experiments.kitti import KittiProtocol, KittiTables
+    from fusionlens.experiments.kitti import KittiProtocol
 
     protocol = KittiProtocol(preset=args.preset, classes=_classes(args.classes), reference_steps=args.reference_steps,
                              finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
                              scoring_batches=args.scoring_batches)
-    harness = KittiTables(args.dataroot, args.out, protocol, progress=not args.no_progress)
-    text = harness.run(_classes(args.methods), [float(v) for v in args.sparsities.split(",")],
-                       [int(v) for v in args.seeds.split(",")])
-    atomic_write_text(Path(args.out) / "tables.md", text + "\n")
-    print(text)
-    return 0
+    return _tables(args.dataroot, args.out, protocol, _classes(args.methods),
+                   [float(v) for v in args.sparsities.split(",")], [int(v) for v in args.seeds.split(",")],
+                   not args.no_progress)
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    """``fusionlens reproduce altermoma --task kitti --dataroot PATH``: the same tables from that command's options
+    (written under ``--out``/kitti; fine-tuning defaults: 100 steps at the paper's lr 1e-4)."""
+    from fusionlens.experiments.kitti import PAPER_METHODS, KittiProtocol
+
+    protocol = KittiProtocol(reference_steps=args.reference_steps,
+                             finetune_steps=100 if args.finetune_steps is None else args.finetune_steps,
+                             finetune_lr=1e-4 if args.finetune_lr is None else args.finetune_lr)
+    return _tables(_dataroot(args), Path(args.out) / "kitti", protocol, tuple(args.methods or PAPER_METHODS),
+                   list(args.sparsities), list(args.seeds), not args.no_progress)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

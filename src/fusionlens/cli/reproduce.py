@@ -92,6 +92,10 @@ def altermoma_config(args: argparse.Namespace) -> Any:
 
 
 def run_altermoma(args: argparse.Namespace) -> int:
+    if args.task == "kitti":
+        from fusionlens.cli.kitti import run_reproduce
+
+        return run_reproduce(args)
     from fusionlens.experiments.altermoma import Runner
     from fusionlens.experiments.altermoma_report import plot_ablation, summarise
 
@@ -167,10 +171,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     a.add_argument(
         "--task",
-        choices=("segmentation", "detection", "both"),
+        choices=("segmentation", "detection", "both", "kitti"),
         default="segmentation",
-        help="segmentation: IoU (Table 3); detection: CenterPoint head, mAP / NDS (Table 1); both",
+        help="segmentation: IoU (Table 3); detection: CenterPoint head, mAP / NDS (Table 1); both; kitti: the "
+        "two-stage camera-LiDAR detector on a KITTI-layout --dataroot, AP-3D / AP-BEV (Tables 2 and 6)",
     )
+    a.add_argument("--dataroot", default=None, help="--task kitti: the KITTI-layout folder ('fusionlens kitti export')")
     a.add_argument("--lidar-encoder", default="raster", help="raster (SimpleBEV) or pillars (PointPillars, Table 4)")
     a.add_argument("--camera-depth", type=int, default=18, help="camera ResNet depth: 18, 34, 50 or 101 (Table 4)")
     a.add_argument("--freeze-steps", type=int, default=50, help="pretrained: steps the loaded backbones stay frozen")
