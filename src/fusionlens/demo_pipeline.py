@@ -125,7 +125,8 @@ def step_audit(ctx: dict[str, Any]) -> None:
     argv = ["audit", "--checkpoint", str(ctx["checkpoint"]), "--partner", f"radar-only={ctx['partner']}",
             "--split", "val", "--size", str(ctx["samples"]), "--reference-split", "train",
             "--reference-size", str(min(ctx["train_size"], 32)), "--out", str(out), "--no-progress",
-            "--title", "fusionlens demo: sensor-reliance audit of the tiny camera-radar model", *_data_args(ctx)]
+            "--title", "fusionlens demo: sensor-reliance audit of the tiny camera-radar model",
+            "--select", *[str(i) for i in range(min(ctx["figures"], ctx["samples"]))], *_data_args(ctx)]
     for note in _notes(ctx):
         argv += ["--note", note]
     _run(argv)

@@ -112,7 +112,8 @@ def headline(result: AuditResult) -> list[str]:
                      f"(threshold {mon['threshold']:.2f} = the {mon['quantile']:.0%} quantile on "
                      f"{result.monitor['reference']}); AUROC of its score for the model's errors "
                      f"({mon['error']}): {auroc}.")
-        worst = sorted((r for r in result.records if r["flagged"]), key=lambda r: -r["monitor"])[:5]
+        flagged = [r for r in result.records if r["flagged"]]
+        worst = sorted(flagged or result.records, key=lambda r: -r["monitor"])[:5 if flagged else 3]
         if worst:
             named = []
             for r in worst:
@@ -122,7 +123,8 @@ def headline(result: AuditResult) -> list[str]:
                 if iou and iou["union"] > 0:
                     score += f", IoU {iou['inter'] / iou['union']:.2f}"
                 named.append(f"{label} ({score}; {escape(' '.join(r['tags'])) or 'no tags'})")
-            lines.append("Samples to look at first: " + "; ".join(named) + ".")
+            lines.append(("Samples to look at first: " if flagged else "None is flagged; the most unusual: ")
+                         + "; ".join(named) + ".")
     for r in result.tables["faults"]:
         if r["iou change"] is not None:
             moved = ", ".join(f"{escape(m)} {r[f'{m} clean']:+.2f} → {r[f'{m} faulted']:+.2f}" for m in mods
