@@ -7,21 +7,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fusionlens.cli.train import add_data_arguments, dataset_for, finite_float
+from fusionlens.cli.train import add_data_arguments, dataset_for, finite_float, parse_key_values
 from fusionlens.io import check_output_dir
 from fusionlens.train.checkpoint import load_model
-
-
-def _partners(values: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in values:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--partner expects NAME=CHECKPOINT (e.g. radar-only=radar.pt), got {item!r}")
-        if name in out:
-            raise ValueError(f"--partner names {name!r} twice")
-        out[name] = path
-    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     from fusionlens.evaluate.attribution import Visibility
 
     check_output_dir("--out", args.out)
-    partner_paths = _partners(args.partner)
+    partner_paths = parse_key_values(args.partner, "--partner", "NAME=CHECKPOINT (e.g. radar-only=radar.pt)")
     given = {"--checkpoint": args.checkpoint, **{f"--partner {k}": v for k, v in partner_paths.items()}}
     for name, path in given.items():  # every file checked before the first is read
         if not Path(path).is_file():

@@ -55,9 +55,9 @@ def run_train(args: argparse.Namespace) -> int:
     train_set = KittiDataset(root, "train", classes=classes)
     val_set = KittiDataset(root, "val", classes=classes) if (Path(root) / "ImageSets" / "val.txt").is_file() \
         and args.val_size != 0 else None
-    from fusionlens.cli.train import _parse_kv
+    from fusionlens.cli.train import parse_key_values
 
-    init_from = _parse_kv(args.init_from or [], "--init-from")
+    init_from = parse_key_values(args.init_from or [], "--init-from")
     model, info = train_avod(cfg, train_set, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              weight_decay=args.weight_decay, seed=args.seed, checkpoint=args.out,
                              init_from=init_from, progress=not args.no_progress)

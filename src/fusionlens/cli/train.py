@@ -51,12 +51,13 @@ def dataset_for(args: argparse.Namespace, split: str, size: int | None, config: 
     return open_dataset("builtin", split, size=size, seed=args.data_seed)
 
 
-def _parse_kv(values: list[str], flag: str) -> dict[str, str]:
+def parse_key_values(values: list[str], flag: str, form: str = "MODALITY=PATH (or MODALITY=NAME)") -> dict[str, str]:
+    """Repeated ``KEY=VALUE`` options as a dict; an error naming ``flag`` and the expected ``form`` otherwise."""
     out: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
-            raise ValueError(f"{flag} expects MODALITY=PATH (or MODALITY=NAME), got {item!r}")
+            raise ValueError(f"{flag} expects {form}, got {item!r}")
         if key in out:
             raise ValueError(f"{flag} names {key!r} twice")
         out[key] = value
@@ -71,7 +72,7 @@ def model_config_from_args(args: argparse.Namespace, data_grid: Any = None) -> M
         overrides["camera_weights"] = args.camera_weights
     if data_grid is not None:
         overrides["grid"] = data_grid
-    encoders = _parse_kv(getattr(args, "point_encoder", None) or [], "--point-encoder")
+    encoders = parse_key_values(getattr(args, "point_encoder", None) or [], "--point-encoder")
     if encoders:
         overrides["point_encoders"] = encoders
     if getattr(args, "task", "segmentation") != "segmentation":
@@ -92,7 +93,7 @@ def _check_input_files(config: ModelConfig, init_from: dict[str, str], resume: b
 
 
 def run(args: argparse.Namespace) -> int:
-    init_from = _parse_kv(args.init_from or [], "--init-from")
+    init_from = parse_key_values(args.init_from or [], "--init-from")
     inputs = {"--camera-weights": args.camera_weights, **{f"--init-from {m}": p for m, p in init_from.items()}}
     out = check_output_path("--out", args.out, inputs=inputs, sidecar_suffixes=(".metrics.json",))
     if args.model == "avod" or args.data == "kitti":
