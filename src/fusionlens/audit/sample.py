@@ -25,14 +25,9 @@ from typing import Any
 import torch
 
 from fusionlens.audit.labels import SampleLabels
+from fusionlens.evaluate.explain import flat_map
 from fusionlens.evaluate.regions import box_masks, modality_shares, score_regions
 from fusionlens.spec import ModelSpec
-
-
-def flat_map(t: torch.Tensor) -> torch.Tensor:
-    """One sample's tensor as a 2-D map: leading (channel) dimensions summed."""
-    t = t.detach()
-    return t.reshape(-1, *t.shape[-2:]).sum(0) if t.dim() > 2 else t
 
 
 def band_name(lo: float, hi: float) -> str:

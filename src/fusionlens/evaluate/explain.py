@@ -53,8 +53,8 @@ class Explanation:
                 **self.extra}
 
 
-def _map(t: torch.Tensor) -> torch.Tensor:
-    """A per-sample tensor as one 2-D map (leading dimensions summed)."""
+def flat_map(t: torch.Tensor) -> torch.Tensor:
+    """One sample's tensor as a 2-D map: leading (channel) dimensions summed."""
     t = t.detach()
     return t.reshape(-1, *t.shape[-2:]).sum(0) if t.dim() > 2 else t
 
@@ -88,8 +88,8 @@ def explain(model: ModelSpec | Any, batch: Any, *, sample: int = 0, rules: str =
     if regions is not None and len(regions):
         rows = score_regions({m: comps[m][None] for m in subject.modalities}, out[None], regions, grid=spec.grid,
                              seen_by=None if seen_by is None else [list(seen_by)])
-    return Explanation(subject.modalities, _map(out), {n: _map(c) for n, c in comps.items()},
-                       d.conservation_error().relative, shares, {k: _map(v) for k, v in cams.items()}, cam_layer,
+    return Explanation(subject.modalities, flat_map(out), {n: flat_map(c) for n, c in comps.items()},
+                       d.conservation_error().relative, shares, {k: flat_map(v) for k, v in cams.items()}, cam_layer,
                        rows, spec.grid, regions if regions is not None and not regions.dtype == torch.bool else None,
                        None if seen_by is None else [tuple(s) for s in seen_by])
 
