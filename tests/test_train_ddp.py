@@ -184,7 +184,7 @@ def test_cli_parsers_register() -> None:
     args = parser.parse_args(["train", "--modalities", "camera,lidar", "--init-from", "camera=a.pt"])
     assert args.modalities == "camera,lidar" and args.init_from == ["camera=a.pt"]
     with pytest.raises(ValueError, match="MODALITY=PATH"):
-        train_cli._parse_kv(["camera"], "--init-from")
+        train_cli.parse_key_values(["camera"], "--init-from")
 
 
 def test_cli_train_evaluate_round_trip(tmp_path, capsys) -> None:
