@@ -288,7 +288,8 @@ class ModelSpec:
 
     def decompose(self, batch: Batch, *, level: str | None = None, **kwargs: Any) -> Any:
         """``fusionlens.decompose`` of the studied output for ``batch`` (keyword arguments passed on)."""
-        return self.subject(level).decompose(self.subject(level).prepare(batch), **kwargs)
+        subject = self.subject(level)
+        return subject.decompose(subject.prepare(batch), **kwargs)
 
 
 class Subject:
