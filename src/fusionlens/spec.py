@@ -286,6 +286,11 @@ class ModelSpec:
         """Items ``indices`` of ``dataset`` collated into one batch with :attr:`collate`."""
         return self.collate([dataset[int(i)] for i in indices])
 
+    def forward(self, batch: Batch, *, level: str | None = None) -> torch.Tensor:
+        """The studied output for ``batch`` (eval mode, no grad)."""
+        subject = self.subject(level)
+        return subject.forward(subject.prepare(batch))
+
     def decompose(self, batch: Batch, *, level: str | None = None, **kwargs: Any) -> Any:
         """``fusionlens.decompose`` of the studied output for ``batch`` (keyword arguments passed on)."""
         subject = self.subject(level)

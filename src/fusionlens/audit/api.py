@@ -190,20 +190,19 @@ def audit(
                                                                                     "reference_indices")
     first = dataset[idx[0]]
     spec.check(spec.collate([first]))
+    own_output = spec.forward(spec.collate([first]), level="input")
     partner_specs = {str(k): as_spec(v) for k, v in (partners or {}).items()}
     for name, p in partner_specs.items():
         try:
             p.check(p.collate([first]))
         except Exception as exc:
             raise ValueError(f"partner {name!r} cannot run on the audited data: {exc}") from exc
-        shapes = (tuple(p.subject("input").forward(p.subject("input").prepare(p.collate([first]))).shape[-2:]),
-                  tuple(spec.subject("input").forward(spec.subject("input").prepare(spec.collate([first]))).shape[-2:]))
+        shapes = (tuple(p.forward(p.collate([first]), level="input").shape[-2:]), tuple(own_output.shape[-2:]))
         if shapes[0] != shapes[1]:
             raise ValueError(f"partner {name!r}'s output covers {shapes[0]} cells, the audited model's {shapes[1]}")
     fault_specs = _faults(spec, faults)
     lab = resolve_labels(first, labels, spec.modalities, visibility, f"sample {idx[0]}")
-    out_shape = tuple(flat_map(spec.subject("input").forward(spec.subject("input").prepare(
-        spec.collate([first])))[0]).shape)
+    out_shape = tuple(flat_map(own_output[0]).shape)
     lab.check(out_shape, f"sample {idx[0]}")  # type: ignore[arg-type]
 
     settings = {"version": CACHE_VERSION, "model": fingerprint(spec.model), "modalities": list(spec.modalities),
