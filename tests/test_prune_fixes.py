@@ -13,7 +13,16 @@ from torch import nn
 from fusionlens.prune import IMP, AlterMOMA, ProsPr, get_masks, load_pruned, prune, save_pruned
 from fusionlens.prune.params import prunable_parameters
 from prune_tiny import TinyFusion, make_batches, tiny_loss
-from test_prune_scores import NAMES, LinearFusion, hand_grads, loss_fn, make, weights
+from test_prune_scores import (
+    NAMES,
+    LinearFusion,
+    assert_scores_are_mask_derivatives,
+    hand_grads,
+    hand_loss_after_inner_step,
+    loss_fn,
+    make,
+    weights,
+)
 
 
 def test_imp_one_round_one_step_scores_the_trained_weights() -> None:
@@ -56,18 +65,6 @@ def test_altermoma_groups_on_the_instance_are_honoured() -> None:
         prune(tiny, AlterMOMA(tiny_loss, b, groups={"a": ["camera"], "b": ["lidar"]}), 0.5, groups={"x": ["camera"]})
 
 
-def _loss_after_step(model: LinearFusion, batch: dict, c: dict, lr: float, frozen: dict | None) -> torch.Tensor:
-    """L(theta_1(c)) with theta_1 = c theta - lr v_1, v_1 the first gradient -- held at its c = 1 value if
-    ``frozen`` (the public code's detached momentum buffer), else differentiated."""
-    A, Bm, w = weights(model)
-    A, Bm, w = c["camera.weight"] * A, c["lidar.weight"] * Bm, c["fuse.weight"] * w
-    g = frozen if frozen is not None else hand_grads(A, Bm, w, batch)
-    A, Bm, w = A - lr * g["camera.weight"], Bm - lr * g["lidar.weight"], w - lr * g["fuse.weight"]
-    u, v = w[0, :2], w[0, 2:]
-    y = batch["camera"] @ A.T @ u + batch["lidar"] @ Bm.T @ v
-    return 0.5 * ((y - batch["target"]) ** 2).mean()
-
-
 @pytest.mark.parametrize("detach", [True, False])
 def test_prospr_first_momentum_detached_by_default(detach: bool) -> None:
     model, batch = make(4)
@@ -76,15 +73,8 @@ def test_prospr_first_momentum_detached_by_default(detach: bool) -> None:
         model, NAMES
     )
     frozen = hand_grads(*weights(model), batch) if detach else None
-    ones = {n: torch.ones_like(model.get_parameter(n)) for n in NAMES}
-    for n in NAMES:
-        for idx in range(ones[n].numel()):
-            plus = {k: v.clone() for k, v in ones.items()}
-            minus = {k: v.clone() for k, v in ones.items()}
-            plus[n].view(-1)[idx] += eps
-            minus[n].view(-1)[idx] -= eps
-            fd = (_loss_after_step(model, batch, plus, lr, frozen) - _loss_after_step(model, batch, minus, lr, frozen))
-            assert abs(float(scores[n].view(-1)[idx]) - abs(float(fd) / (2 * eps))) < 1e-7
+    assert_scores_are_mask_derivatives(
+        scores, model, lambda c: hand_loss_after_inner_step(model, batch, c, lr, frozen), eps)
     assert ProsPr(loss_fn, [batch]).detach_first_momentum  # the default follows the public code
 
 

@@ -9,6 +9,8 @@ oracles below use only those formulas, never autograd.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -247,15 +249,32 @@ def test_synflow_survives_trained_batchnorm_statistics() -> None:
     assert float(model.lidar[1].running_mean[0]) == 1e3  # the user's model is untouched
 
 
-def _hand_loss_after_inner_step(model: LinearFusion, batch: dict, c: dict, lr: float) -> torch.Tensor:
-    """ProsPr with one plain SGD step, written without autograd: L(theta_1(c)), theta_1 = c theta - lr g."""
+def hand_loss_after_inner_step(model: LinearFusion, batch: dict, c: dict, lr: float,
+                               frozen: dict | None = None) -> torch.Tensor:
+    """ProsPr with one plain SGD step, written without autograd: L(theta_1(c)), theta_1 = c theta - lr g; with
+    ``frozen`` the step's gradient is held at that value (the public code's detached momentum buffer) instead of
+    being differentiated."""
     A, Bm, w = weights(model)
     A, Bm, w = c["camera.weight"] * A, c["lidar.weight"] * Bm, c["fuse.weight"] * w
-    g = hand_grads(A, Bm, w, batch)
+    g = frozen if frozen is not None else hand_grads(A, Bm, w, batch)
     A, Bm, w = A - lr * g["camera.weight"], Bm - lr * g["lidar.weight"], w - lr * g["fuse.weight"]
     u, v = w[0, :2], w[0, 2:]
     y = batch["camera"] @ A.T @ u + batch["lidar"] @ Bm.T @ v
     return 0.5 * ((y - batch["target"]) ** 2).mean()
+
+
+def assert_scores_are_mask_derivatives(scores: dict, model: LinearFusion, loss_at: Callable[[dict], torch.Tensor],
+                                       eps: float = 1e-6) -> None:
+    """Each score equals |dL/dc| at c = 1 by central differences of ``loss_at`` (mask entries c, one per weight)."""
+    ones = {n: torch.ones_like(model.get_parameter(n)) for n in NAMES}
+    for n in NAMES:
+        for idx in range(ones[n].numel()):
+            plus = {k: v.clone() for k, v in ones.items()}
+            minus = {k: v.clone() for k, v in ones.items()}
+            plus[n].view(-1)[idx] += eps
+            minus[n].view(-1)[idx] -= eps
+            fd = (loss_at(plus) - loss_at(minus)) / (2 * eps)
+            assert abs(float(scores[n].view(-1)[idx]) - abs(float(fd))) < 1e-7
 
 
 def test_prospr_zero_steps_is_unnormalised_snip_and_one_step_matches_finite_differences() -> None:
@@ -268,19 +287,7 @@ def test_prospr_zero_steps_is_unnormalised_snip_and_one_step_matches_finite_diff
     method = ProsPr(loss_fn, [batch], inner_steps=1, inner_lr=lr, momentum=0.0)
     s1 = method(model, NAMES)
     assert method.backward_passes == 2
-    ones = {n: torch.ones_like(t) for n, t in zip(NAMES, (A, Bm, w))}
-    eps = 1e-6
-    for n in NAMES:
-        for idx in range(ones[n].numel()):
-            plus = {k: v.clone() for k, v in ones.items()}
-            minus = {k: v.clone() for k, v in ones.items()}
-            plus[n].view(-1)[idx] += eps
-            minus[n].view(-1)[idx] -= eps
-            fd = (
-                _hand_loss_after_inner_step(model, batch, plus, lr)
-                - _hand_loss_after_inner_step(model, batch, minus, lr)
-            ) / (2 * eps)
-            assert abs(float(s1[n].view(-1)[idx]) - abs(float(fd))) < 1e-7
+    assert_scores_are_mask_derivatives(s1, model, lambda c: hand_loss_after_inner_step(model, batch, c, lr))
 
 
 def test_imp_one_round_without_training_is_magnitude_and_rounds_keep_pruned() -> None:
