@@ -126,22 +126,20 @@ def attribute_objects(model: Any, dataset: Dataset, method: Method, *, indices: 
     An object counts as detected when the probability (sigmoid of the studied logit) averages above 0.5 over its
     cells."""
     spec = as_spec(model)
-    modalities = spec.subject(level).modalities if spec.modalities else None
     indices = _checked_indices(dataset, indices)
+    if indices:
+        spec.ensure_checked(spec.batch(dataset, [indices[0]]))  # a bad description fails before any work
+    modalities = spec.subject(level).modalities
     info = info or DistInfo()
     rows: list[ObjectAttribution] = []
     for idx in tqdm(indices[info.rank::info.world_size], desc=f"attribution {method.name}",
                     disable=not progress or not info.is_main, leave=False):
         sample = dataset[idx]
-        batch = spec.collate([sample])
-        if modalities is None:
-            spec.ensure_checked(batch)
-            modalities = spec.modalities
         objects = single_sensor_objects(sample, modalities, visibility)
         if not objects:
             continue
         cells = object_cells(sample)[[box for box, _ in objects]]
-        found = attribute_regions(spec, batch, [cells], method=method, level=level,
+        found = attribute_regions(spec, spec.collate([sample]), [cells], method=method, level=level,
                                   seen_by=[[[sensor] for _, sensor in objects]], reference=reference,
                                   activation=torch.sigmoid)
         for row in found:

@@ -83,7 +83,7 @@ def modality_shares(components: Any, where: torch.Tensor | None = None, *, kind:
 def box_masks(boxes: torch.Tensor, grid: BEVGrid) -> torch.Tensor:
     """``(N, X, Y)`` bool: the grid cells whose centre lies in each box's footprint. ``boxes`` are ``(N, 5)``
     ``(x, y, w, l, yaw)`` or ``(N, >=7)`` in the built-in ``BOX_FIELDS`` order (x, y, z, w, l, h, yaw, ...)."""
-    if boxes.ndim != 2 or boxes.shape[1] not in (5,) and boxes.shape[1] < 7:
+    if boxes.ndim != 2 or (boxes.shape[1] != 5 and boxes.shape[1] < 7):
         raise ValueError(f"boxes must be (N, 5) = (x, y, w, l, yaw) or (N, >=7) = (x, y, z, w, l, h, yaw, ...), "
                          f"got shape {tuple(boxes.shape)}")
     boxes = boxes if boxes.is_floating_point() else boxes.float()
